@@ -1,0 +1,291 @@
+"""Turn a Recipe into real diffusers/transformers calls, and record what was actually applied.
+
+Every function here appends to a ``Manifest``: one entry per step that ran, with the API call used and a
+check that it took effect (hooks present, modules compiled, ...). A step that cannot run is refused before
+any heavy work with a RecipeError that gives the reason and an alternative -- never skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import torch
+
+from . import models
+from .errors import RecipeError
+from .models import ModelSpec, Weights
+from .recipe import PRECISIONS, Recipe
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ACCELERATOR_OFFLOADS = ("model", "sequential", "group-block", "group-leaf")
+CPU_ATTENTION = ("native", "_native_math", "flex")
+
+
+@dataclass
+class Manifest:
+    steps: list[dict] = field(default_factory=list)
+
+    def add(self, step: str, **info) -> dict:
+        entry = {"step": step, **info}
+        self.steps.append(entry)
+        return entry
+
+    def find(self, step: str) -> list[dict]:
+        return [s for s in self.steps if s["step"] == step]
+
+
+def quant_module():
+    """The quantization backends, or None while they are not part of this build."""
+    try:
+        return importlib.import_module("vramfit.quant")
+    except ImportError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checks before any heavy work
+
+
+def check(recipe: Recipe, device: torch.device) -> dict:
+    """Refuse what cannot run on this device, with reason and alternative. Returns dynamo settings to apply."""
+    if device.type == "cpu":
+        if recipe.offload in ACCELERATOR_OFFLOADS:
+            raise RecipeError(
+                f"offload={recipe.offload} needs a CUDA GPU: it keeps weights in host memory and moves them onto "
+                f"the GPU when they are used, and this machine has no GPU. Alternative: offload=none, or "
+                f"offload=staged (loads each stage's components only for that stage)"
+            )
+        if recipe.attention not in CPU_ATTENTION:
+            raise RecipeError(
+                f"attention={recipe.attention} needs a CUDA GPU (its kernels are GPU-only). Alternative: "
+                f"attention=native"
+            )
+    elif recipe.attention != "native":
+        try:
+            from diffusers.models.attention_dispatch import _check_attention_backend_requirements
+
+            _check_attention_backend_requirements(recipe.attention)
+        except (RuntimeError, ImportError, ValueError) as e:
+            raise RecipeError(f"attention={recipe.attention} cannot run here: {e}. Alternative: attention=native")
+    for comp, value in recipe.components.items():
+        if value == "fp16" and comp == "transformer":
+            pass  # allowed: FLUX in fp16 is a known user choice (it may overflow; fidelity numbers will show it)
+    quantized = recipe.quantized()
+    if not quantized:
+        if recipe.compile != "off" and recipe.offload == "sequential":
+            raise RecipeError(
+                "compile with offload=sequential: accelerate moves every leaf module's weights inside its forward, "
+                "which splits the compiled graph at every layer. Alternative: offload=group-block with "
+                "compile=regional, or offload=model with compile=regional"
+            )
+        return _dynamo_for(recipe, None)
+    q = quant_module()
+    if q is None:
+        comp, value = next(iter(quantized.items()))
+        raise RecipeError(
+            f"{comp}={value}: quantization is not yet supported in this build. Alternative: {comp}=bf16 with "
+            f"offload=model or offload=group-block to fit less memory"
+        )
+    for comp, value in quantized.items():
+        reason = q.unavailable_reason(value, device.type)
+        if reason:
+            raise RecipeError(f"{comp}={value}: {reason}")
+    q.check_combination(recipe.components, recipe.offload, recipe.compile, device.type)
+    if recipe.compile != "off" and recipe.offload == "sequential":
+        raise RecipeError(
+            "compile with offload=sequential splits the compiled graph at every layer. Alternative: "
+            "offload=model with compile=regional"
+        )
+    return _dynamo_for(recipe, q)
+
+
+def _dynamo_for(recipe: Recipe, q) -> dict:
+    if recipe.compile == "off":
+        return {}
+    settings = dict(q.dynamo_settings(recipe.components, recipe.offload, recipe.compile)) if q else {}
+    if recipe.offload != "none" and "cache_size_limit" not in settings:
+        # offload hooks add guards on module devices; the default limit of 8 recompiles falls back to eager
+        settings["cache_size_limit"] = 64
+    return settings
+
+
+def apply_dynamo_settings(settings: dict, manifest: Manifest) -> None:
+    if not settings:
+        return
+    import torch._dynamo
+
+    for k, v in settings.items():
+        setattr(torch._dynamo.config, k, v)
+    manifest.add("dynamo-config", settings=settings, api="torch._dynamo.config.<key> = <value>")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading one component
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    q = quant_module()
+    if q is not None:
+        return q.weight_bytes(module)
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def load_component(
+    spec: ModelSpec, weights: Weights, recipe: Recipe, component: str, device: torch.device,
+    manifest: Manifest, gguf_file: str | None = None,
+) -> torch.nn.Module:
+    """Build or load one component as the recipe says, on ``device``, quantized if asked."""
+    value = getattr(recipe, component)
+    dtype = DTYPES.get(value, torch.bfloat16)  # quantized components compute in bf16
+    q = quant_module() if value not in PRECISIONS else None
+    if component == "transformer" and gguf_file:
+        from .gguf_io import load_gguf_transformer
+
+        module = load_gguf_transformer(gguf_file, spec.config_dir / "transformer", torch.bfloat16, device)
+        manifest.add("load", component=component, source=f"gguf:{gguf_file}", value=value,
+                     api="FluxTransformer2DModel.from_single_file(quantization_config=GGUFQuantizationConfig)",
+                     **_describe(module))
+        return module
+    if weights.kind == "random":
+        module = models.build_random_component(spec, component, weights.seed, device, dtype)
+        manifest.add("load", component=component, source=f"random seed={weights.seed}", dtype=str(dtype),
+                     device=str(device), generated_on=str(models.random_generation_device(device)),
+                     **_describe(module))
+        if q is not None:
+            manifest.add(**{"component": component, **q.quantize_component(module, component, value, device)})
+        return module
+    # hub id or local directory: the real from_pretrained path, quantizing on load where the backend can
+    qconfig = q.quantization_config(value, component) if q is not None else None
+    module = models.load_pretrained_component(weights.path, component, dtype, device, quantization_config=qconfig)
+    manifest.add("load", component=component, source=weights.path, dtype=str(dtype), device=str(device),
+                 api=f"{type(module).__name__}.from_pretrained(subfolder={component!r})"
+                 + (f", quantization_config={type(qconfig).__name__}" if qconfig is not None else ""),
+                 **_describe(module))
+    if q is not None and qconfig is None and not _is_prequantized(module):
+        # backends applied after load (fp8 layerwise casting), or a pre-quantized checkpoint
+        manifest.add(**{"component": component, **q.quantize_component(module, component, value, device)})
+    return module
+
+
+def _is_prequantized(module) -> bool:
+    return getattr(getattr(module, "config", None), "quantization_config", None) is not None
+
+
+def _describe(module: torch.nn.Module) -> dict:
+    return {
+        "class": type(module).__name__,
+        "params": sum(p.numel() for p in module.parameters()),
+        "weight_bytes": weight_bytes(module),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole pipeline
+
+
+def assemble(spec: ModelSpec, weights: Weights, components: dict) -> "FluxPipeline":  # noqa: F821
+    """A FluxPipeline over whatever components are given (others None: staged runs hold one stage at a time)."""
+    from diffusers import FluxPipeline
+
+    tokenizer, tokenizer_2 = models.load_tokenizers(spec, weights)
+    scheduler = models.load_scheduler(spec, weights)
+    pipe = FluxPipeline(
+        scheduler=scheduler, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        vae=components.get("vae"), text_encoder=components.get("text_encoder"),
+        text_encoder_2=components.get("text_encoder_2"), transformer=components.get("transformer"),
+    )
+    # The VAE may not be loaded yet (staged): its scale factor comes from the config, as diffusers would compute it
+    pipe.vae_scale_factor = 2 ** (len(spec.config("vae")["block_out_channels"]) - 1)
+    from diffusers.image_processor import VaeImageProcessor
+
+    pipe.image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2)
+    return pipe
+
+
+def load_device_for(recipe: Recipe, device: torch.device, component: str) -> torch.device:
+    """Where a component is built before the offload strategy takes over."""
+    if recipe.offload in ACCELERATOR_OFFLOADS and getattr(recipe, component) in PRECISIONS:
+        return torch.device("cpu")  # the offload strategy keeps it in host memory
+    return device  # resident, staged, or quantized (quantization kernels run on the target device)
+
+
+def build_pipeline(spec, weights, recipe: Recipe, device: torch.device, manifest: Manifest, gguf_file=None):
+    comps = {
+        c: load_component(spec, weights, recipe, c, load_device_for(recipe, device, c), manifest, gguf_file)
+        for c in models.COMPONENTS
+    }
+    pipe = assemble(spec, weights, comps)
+    apply_offload(pipe, recipe, device, manifest)
+    apply_runtime_options(pipe, recipe, manifest)
+    return pipe
+
+
+def apply_offload(pipe, recipe: Recipe, device: torch.device, manifest: Manifest) -> None:
+    o = recipe.offload
+    if o in ("none", "staged"):
+        return
+    if o == "model":
+        pipe.enable_model_cpu_offload(device=device)
+        ok = all(hasattr(getattr(pipe, c), "_hf_hook") for c in models.COMPONENTS)
+        manifest.add("offload", strategy=o, api=f"pipe.enable_model_cpu_offload(device={str(device)!r})",
+                     verified=ok, hooks=len(pipe._all_hooks))
+    elif o == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+        n = sum(1 for c in models.COMPONENTS for m in getattr(pipe, c).modules() if hasattr(m, "_hf_hook"))
+        manifest.add("offload", strategy=o, api=f"pipe.enable_sequential_cpu_offload(device={str(device)!r})",
+                     verified=n > 0, hooked_modules=n)
+    else:
+        kind = "block_level" if o == "group-block" else "leaf_level"
+        kwargs = dict(onload_device=device, offload_device=torch.device("cpu"), offload_type=kind, use_stream=True)
+        if kind == "block_level":
+            kwargs["num_blocks_per_group"] = 1  # must be 1 with streams
+        pipe.enable_group_offload(**kwargs)
+        from diffusers.hooks import HookRegistry
+
+        n = sum(
+            1 for c in models.COMPONENTS for m in getattr(pipe, c).modules()
+            if getattr(m, "_diffusers_hook", None) is not None and isinstance(m._diffusers_hook, HookRegistry)
+            and m._diffusers_hook.get_hook("group_offloading") is not None
+        )
+        manifest.add("offload", strategy=o,
+                     api=f"pipe.enable_group_offload(offload_type={kind!r}, use_stream=True"
+                     + (", num_blocks_per_group=1)" if kind == "block_level" else ")"),
+                     verified=n > 0, hooked_modules=n)
+    if not manifest.steps[-1]["verified"]:
+        raise RuntimeError(f"offload={o} was requested but no offload hooks are installed")
+
+
+def apply_runtime_options(pipe, recipe: Recipe, manifest: Manifest, components=None) -> None:
+    """VAE decode mode, attention backend and compile: applied to whichever components are loaded."""
+    loaded = components if components is not None else {c: getattr(pipe, c) for c in models.COMPONENTS}
+    vae = loaded.get("vae")
+    if vae is not None and recipe.vae_mode != "none":
+        if recipe.vae_mode == "tiling":
+            vae.enable_tiling()
+            manifest.add("vae", mode="tiling", api="vae.enable_tiling()", verified=bool(vae.use_tiling))
+        else:
+            vae.enable_slicing()
+            manifest.add("vae", mode="slicing", api="vae.enable_slicing()", verified=bool(vae.use_slicing))
+    tr = loaded.get("transformer")
+    if tr is None:
+        return
+    if recipe.attention != "native":
+        tr.set_attention_backend(recipe.attention)
+        manifest.add("attention", backend=recipe.attention, api=f"transformer.set_attention_backend({recipe.attention!r})")
+    if recipe.compile == "regional":
+        # in place (module.compile): assigning a compiled wrapper would break offload hooks (DESIGN pitfalls)
+        tr.compile_repeated_blocks(fullgraph=True)
+        n = sum(1 for m in tr.modules() if getattr(m, "_compiled_call_impl", None) is not None)
+        manifest.add("compile", mode="regional", api="transformer.compile_repeated_blocks(fullgraph=True)",
+                     compiled_modules=n, verified=n > 0)
+    elif recipe.compile == "full":
+        tr.compile(fullgraph=True)
+        ok = getattr(tr, "_compiled_call_impl", None) is not None
+        manifest.add("compile", mode="full", api="transformer.compile(fullgraph=True)", compiled_modules=int(ok),
+                     verified=ok)

@@ -1,0 +1,124 @@
+"""Measurements: wall time with device sync, GPU memory (torch.cuda stats), host RSS, versions, device facts."""
+
+from __future__ import annotations
+
+import gc
+import platform
+import time
+from contextlib import contextmanager
+from importlib import metadata
+
+import torch
+
+GB = 1e9
+LIBRARIES = ("vramfit", "torch", "diffusers", "transformers", "accelerate", "safetensors", "bitsandbytes",
+             "torchao", "optimum-quanto", "gguf")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            continue
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"type": device.type, "host": platform.node(), "cpu": platform.processor() or platform.machine()}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(name=p.name, total_memory_gb=round(p.total_memory / GB, 2),
+                    capability=f"{p.major}.{p.minor}")
+        try:
+            import subprocess
+
+            drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
+            if drv:
+                info["driver"] = drv[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_rss_gb() -> dict:
+    """Current and peak resident set size of this process, from /proc (Linux)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key = "rss_gb" if line.startswith("VmRSS") else "peak_rss_gb"
+                    out[key] = round(int(line.split()[1]) * 1024 / GB, 3)
+    except OSError:
+        import resource
+
+        out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3)
+    return out
+
+
+def free_memory(device: torch.device) -> None:
+    """Memory is not freed while references remain: callers drop theirs first; this collects and releases."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+class Memory:
+    """GPU memory counters for one device: snapshots and per-stage peaks (allocated and reserved)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> dict:
+        d = {}
+        if self.cuda:
+            d = {"allocated_gb": round(torch.cuda.memory_allocated(self.device) / GB, 3),
+                 "reserved_gb": round(torch.cuda.memory_reserved(self.device) / GB, 3)}
+        d.update(host_rss_gb())
+        return d
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> dict:
+        d = {}
+        if self.cuda:
+            d = {"peak_allocated_gb": round(torch.cuda.max_memory_allocated(self.device) / GB, 3),
+                 "peak_reserved_gb": round(torch.cuda.max_memory_reserved(self.device) / GB, 3)}
+        d.update(host_rss_gb())
+        return d
+
+
+@contextmanager
+def stage(device: torch.device, memory: Memory, record: dict, name: str):
+    """Time a stage (synchronised) and record its memory peak under ``record[name]``."""
+    sync(device)
+    memory.reset_peak()
+    t0 = time.perf_counter()
+    out = {}
+    record[name] = out
+    try:
+        yield out
+    finally:
+        sync(device)
+        out["s"] = round(time.perf_counter() - t0, 4)
+        out.update(memory.peak())

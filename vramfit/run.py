@@ -1,0 +1,249 @@
+"""The staged runner: encode prompt -> denoise -> decode, at diffusers' own seams, measured per stage.
+
+The three stages use FluxPipeline's own pieces (``encode_prompt``; ``__call__`` with ``prompt_embeds`` and
+``output_type="latent"``; the same unpack/scale/``vae.decode``/postprocess as ``__call__``), so for the same
+seed the image is bit-identical to ``FluxPipeline.__call__`` and across offload strategies. The initial noise
+comes from a CPU generator, as in diffusers' examples, so it does not depend on where the model runs.
+
+``offload=staged`` builds each stage's components only for that stage, and drops them (gc + cache release)
+before the next: text encoders, transformer and VAE are never in memory together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import apply, measure, models
+from .errors import InputError
+from .models import ModelSpec, Weights
+from .recipe import Recipe
+
+STAGE_COMPONENTS = {
+    "encode": ("text_encoder", "text_encoder_2"),
+    "denoise": ("transformer",),
+    "decode": ("vae",),
+}
+
+
+@dataclass
+class Request:
+    prompt: str
+    steps: int
+    height: int
+    width: int
+    guidance: float
+    seed: int = 0
+    max_sequence_length: int = 512
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InputError("the prompt is empty; give a text prompt")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v % 16:
+                raise InputError(f"{name}={v!r}: must be a positive multiple of 16 (FLUX packs 2x2 latent patches "
+                                 f"of an 8x downsampled image)")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"steps={self.steps!r}: must be a positive integer")
+        if self.guidance < 0:
+            raise InputError(f"guidance={self.guidance}: must be >= 0")
+        if not 1 <= self.max_sequence_length <= 512:
+            raise InputError(f"max_sequence_length={self.max_sequence_length}: must be in 1..512")
+
+
+@dataclass
+class Result:
+    image: "object"  # PIL.Image
+    latents: torch.Tensor  # final denoised latents (packed), float32 on CPU
+    record: dict
+
+
+def request_for(spec: ModelSpec, prompt: str, steps=None, height=None, width=None, guidance=None, seed=0) -> Request:
+    return Request(
+        prompt=prompt,
+        steps=spec.default_steps if steps is None else steps,
+        height=spec.default_size if height is None else height,
+        width=spec.default_size if width is None else width,
+        guidance=spec.default_guidance if guidance is None else guidance,
+        seed=seed,
+        max_sequence_length=spec.max_sequence_length,
+    )
+
+
+class Runner:
+    """Holds a loaded pipeline (or, for ``offload=staged``, the recipe to load one stage at a time)."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, recipe: Recipe, device: torch.device,
+                 gguf_file: str | None = None, progress: bool = True):
+        self.spec, self.weights, self.recipe, self.device = spec, weights, recipe, device
+        self.gguf_file = gguf_file
+        self.progress = progress
+        self.dynamo = apply.check(recipe, device)  # refusals happen here, before any heavy work
+        self.manifest = apply.Manifest()
+        self.memory = measure.Memory(device)
+        self.pipe = None
+        self.load_record: dict = {}
+        self.weight_bytes: dict[str, int] = {}
+        self.runs = 0
+
+    @property
+    def staged(self) -> bool:
+        return self.recipe.offload == "staged"
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> dict:
+        apply.apply_dynamo_settings(self.dynamo, self.manifest)
+        self.memory.reset_peak()
+        t0 = time.perf_counter()
+        if self.staged:
+            # tokenizers and scheduler only; components are built inside each stage
+            self.pipe = apply.assemble(self.spec, self.weights, {})
+            self.manifest.add("offload", strategy="staged", verified=True,
+                              api="per stage: build components -> run -> del + gc.collect() + empty_cache()")
+        else:
+            self.pipe = apply.build_pipeline(self.spec, self.weights, self.recipe, self.device, self.manifest,
+                                             self.gguf_file)
+            self.weight_bytes = {c: apply.weight_bytes(getattr(self.pipe, c)) for c in models.COMPONENTS}
+        measure.sync(self.device)
+        self.pipe.set_progress_bar_config(disable=not self.progress, desc="denoise", leave=False)
+        self.load_record = {"s": round(time.perf_counter() - t0, 4), "after_load": self.memory.now(),
+                            "peak": self.memory.peak()}
+        return self.load_record
+
+    def _load_stage(self, stage: str, rec: dict) -> dict:
+        t0 = time.perf_counter()
+        comps = {}
+        for c in STAGE_COMPONENTS[stage]:
+            comps[c] = apply.load_component(self.spec, self.weights, self.recipe, c, self.device, self.manifest,
+                                            self.gguf_file)
+            self.weight_bytes[c] = apply.weight_bytes(comps[c])
+        self.pipe.register_modules(**comps)
+        apply.apply_runtime_options(self.pipe, self.recipe, self.manifest, components=comps)
+        measure.sync(self.device)
+        rec["load_s"] = round(time.perf_counter() - t0, 4)
+        rec["after_load"] = self.memory.now()
+        return comps
+
+    def _free_stage(self, stage: str) -> None:
+        self.pipe.register_modules(**{c: None for c in STAGE_COMPONENTS[stage]})
+        measure.free_memory(self.device)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, req: Request) -> Result:
+        req.validate()
+        if self.pipe is None:
+            self.load()
+        pipe, dev = self.pipe, self.device
+        stages: dict[str, dict] = {}
+        step_times: list[float] = []
+        exec_device = dev if self.staged else pipe._execution_device
+
+        with measure.stage(dev, self.memory, stages, "encode") as rec:
+            if self.staged:
+                self._load_stage("encode", rec)
+            prompt_embeds, pooled, _ = pipe.encode_prompt(
+                prompt=req.prompt, prompt_2=None, device=exec_device, num_images_per_prompt=1,
+                max_sequence_length=req.max_sequence_length,
+            )
+        if self.staged:
+            self._free_stage("encode")
+
+        def on_step(_pipe, i, t, kwargs):
+            measure.sync(dev)
+            step_times.append(time.perf_counter())
+            return {}
+
+        with measure.stage(dev, self.memory, stages, "denoise") as rec:
+            if self.staged:
+                self._load_stage("denoise", rec)
+            t_start = time.perf_counter()
+            latents = pipe(
+                prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled,
+                num_inference_steps=req.steps, guidance_scale=req.guidance,
+                height=req.height, width=req.width, max_sequence_length=req.max_sequence_length,
+                generator=torch.Generator("cpu").manual_seed(req.seed),
+                output_type="latent", return_dict=False, callback_on_step_end=on_step,
+            )[0]
+        del prompt_embeds, pooled
+        if self.staged:
+            self._free_stage("denoise")
+
+        with measure.stage(dev, self.memory, stages, "decode") as rec:
+            if self.staged:
+                self._load_stage("decode", rec)
+            image = self._decode(latents, req)
+        if self.staged:
+            self._free_stage("decode")
+        elif self.recipe.offload == "model":
+            pipe.maybe_free_model_hooks()
+
+        self.runs += 1
+        lat = latents.detach().float().cpu()
+        return Result(image=image, latents=lat, record=self._record(req, stages, step_times, t_start, lat))
+
+    def _decode(self, latents, req: Request):
+        """Exactly FluxPipeline.__call__'s decode, so the image matches it bit for bit."""
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        pipe = self.pipe
+        latents = pipe._unpack_latents(latents, req.height, req.width, pipe.vae_scale_factor)
+        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        latents = latents.to(get_module_execution_device(pipe.vae))
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+    # ------------------------------------------------------------------ the record
+    def _record(self, req, stages, step_times, t_start, latents) -> dict:
+        per_step = [b - a for a, b in zip([t_start] + step_times[:-1], step_times)]
+        steady = sorted(per_step[1:]) if len(per_step) > 1 else per_step
+        median = steady[len(steady) // 2] if steady else None
+        timings = {
+            "load_s": self.load_record["s"] + sum(s.get("load_s", 0.0) for s in stages.values()),
+            "encode_s": stages["encode"]["s"], "denoise_s": stages["denoise"]["s"], "decode_s": stages["decode"]["s"],
+            "s_per_step": round(stages["denoise"]["s"] / req.steps, 4),
+            "s_per_step_median": round(median, 4) if median is not None else None,
+            "first_step_s": round(per_step[0], 4) if per_step else None,
+            "step_s": [round(x, 4) for x in per_step],
+        }
+        timings["total_s"] = round(timings["encode_s"] + timings["denoise_s"] + timings["decode_s"], 4)
+        if self.recipe.compile != "off" and self.runs == 1 and median is not None:
+            # the first compiled step includes tracing + codegen; later steps are warm
+            timings["compile_s"] = round(per_step[0] - median, 4)
+        peaks = [s for s in stages.values()] + [self.load_record.get("peak", {})]
+        memory = {
+            "after_load": self.load_record["after_load"],
+            "peak_allocated_gb": max((p.get("peak_allocated_gb", 0.0) for p in peaks), default=0.0),
+            "peak_reserved_gb": max((p.get("peak_reserved_gb", 0.0) for p in peaks), default=0.0),
+            "generate_peak_allocated_gb": max((s.get("peak_allocated_gb", 0.0) for s in stages.values()), default=0.0),
+            "generate_peak_reserved_gb": max((s.get("peak_reserved_gb", 0.0) for s in stages.values()), default=0.0),
+            "host_peak_rss_gb": measure.host_rss_gb().get("peak_rss_gb"),
+        }
+        if self.staged:  # "after load" of a staged run: the largest stage's resident set
+            memory["after_load"] = max((s["after_load"] for s in stages.values()),
+                                       key=lambda m: m.get("allocated_gb", 0.0))
+        return {
+            "schema": "vramfit.run/1",
+            "model": self.spec.name,
+            "weights": self.weights.describe(),
+            "recipe": str(self.recipe),
+            "request": asdict(req),
+            "device": measure.device_info(self.device),
+            "versions": measure.versions(),
+            "manifest": self.manifest.steps,
+            "weight_bytes": dict(self.weight_bytes),
+            "weight_gb_total": round(sum(self.weight_bytes.values()) / measure.GB, 3),
+            "timings": timings,
+            "memory": memory,
+            "stages": stages,
+            "latents": {"shape": list(latents.shape), "finite": bool(torch.isfinite(latents).all()),
+                        "sha256": hashlib.sha256(latents.numpy().tobytes()).hexdigest()[:16]},
+            "run_index": self.runs,
+        }
+
+    def close(self) -> None:
+        self.pipe = None
+        measure.free_memory(self.device)
