@@ -160,12 +160,15 @@ def load_component(
         if q is not None:
             manifest.add(**{"component": component, **q.quantize_component(module, component, value, device)})
         return module
-    # hub id or local directory: the real from_pretrained path, quantizing on load where the backend can
-    qconfig = q.quantization_config(value, component) if q is not None else None
+    # hub id or local directory: the real from_pretrained path, quantizing on load where the backend can.
+    # A pre-quantized checkpoint (vramfit quantize) carries its quantization_config: it loads as saved.
+    prequantized = models.saved_quantization(weights, component) is not None
+    qconfig = q.quantization_config(value, component) if q is not None and not prequantized else None
     module = models.load_pretrained_component(weights.path, component, dtype, device, quantization_config=qconfig)
     manifest.add("load", component=component, source=weights.path, dtype=str(dtype), device=str(device),
                  api=f"{type(module).__name__}.from_pretrained(subfolder={component!r})"
-                 + (f", quantization_config={type(qconfig).__name__}" if qconfig is not None else ""),
+                 + (f", quantization_config={type(qconfig).__name__}" if qconfig is not None else "")
+                 + (" (pre-quantized checkpoint: no re-quantization)" if prequantized else ""),
                  **_describe(module))
     if q is not None and qconfig is None and not _is_prequantized(module):
         # backends applied after load (fp8 layerwise casting), or a pre-quantized checkpoint
@@ -174,15 +177,23 @@ def load_component(
 
 
 def _is_prequantized(module) -> bool:
-    return getattr(getattr(module, "config", None), "quantization_config", None) is not None
+    cfg = getattr(module, "config", None)
+    if isinstance(cfg, dict):
+        return cfg.get("quantization_config") is not None
+    return getattr(cfg, "quantization_config", None) is not None
 
 
 def _describe(module: torch.nn.Module) -> dict:
-    return {
+    d = {
         "class": type(module).__name__,
         "params": sum(p.numel() for p in module.parameters()),
         "weight_bytes": weight_bytes(module),
     }
+    q = quant_module()
+    classes = q.quantized_classes(module) if q is not None else {}
+    if classes:  # quantized on load (or a pre-quantized checkpoint): say which real classes hold the weights
+        d["quantized_classes"] = classes
+    return d
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def cmd_generate(args) -> int:
 
     spec = models.get_model(args.model)
     weights = models.resolve_weights(spec, args.weights, seed=args.weights_seed)
-    recipe = Recipe.parse(args.recipe)
+    recipe = resolve_recipe(args.recipe, weights)
     if args.gguf:
         if not Path(args.gguf).is_file():
             raise InputError(f"--gguf {args.gguf!r}: no such file")
@@ -117,6 +117,22 @@ def cmd_generate(args) -> int:
     if args.json:
         print(json.dumps(rec))
     return 0
+
+
+def resolve_recipe(text: str, weights):
+    """The user's recipe; on a checkpoint written by ``vramfit quantize`` its quantized components are taken as
+    saved (they cannot be re-quantized or de-quantized on load), and a conflicting request is refused."""
+    from . import models
+    from .recipe import Recipe
+
+    recipe = Recipe.parse(text)
+    saved = models.checkpoint_recipe(weights)
+    asked = Recipe.parse(text).changed() if text else {}
+    for comp, value in saved.items():
+        if comp in asked and asked[comp] != value:
+            raise InputError(f"{weights.path} holds {comp}={value} (pre-quantized); the recipe asks {comp}="
+                             f"{asked[comp]}. Drop that item, or write a new checkpoint with vramfit quantize")
+    return recipe.with_(**saved) if saved else recipe
 
 
 def print_summary(rec: dict) -> None:
@@ -225,7 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights-seed", type=int, default=0)
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_export)
+
+    # commands that live beside the code they drive: each module has add_parser(sub) and keeps its
+    # top-level imports light (torch and diffusers are imported inside the command)
+    import importlib
+
+    for name in EXTENSION_MODULES:
+        try:
+            mod = importlib.import_module(f"vramfit.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"vramfit.{name}":
+                raise
+            continue
+        mod.add_parser(sub)
     return p
+
+
+EXTENSION_MODULES = ("quant_cli", "bench", "report", "plan")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ QUANT_VALUES = (
     "quanto-int8", "quanto-int4", "quanto-fp8",
     "fp8-layerwise", "fp8-layerwise-e5m2",
     "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q5_1", "gguf-q5_0", "gguf-q4_k", "gguf-q4_1", "gguf-q4_0",
-    "gguf-q3_k", "gguf-q2_k",
+    "gguf-q3_k", "gguf-q2_k", "gguf-bf16", "gguf-f16",
 )
 OFFLOADS = ("none", "model", "sequential", "group-block", "group-leaf", "staged")
 COMPILES = ("off", "regional", "full")

@@ -99,9 +99,10 @@ def resolve_weights(spec: ModelSpec, weights: str | None, seed: int = 0) -> Weig
         weights = "random" if spec.always_random else "hub"
     if weights == "random":
         return Weights("random", seed=seed)
-    if spec.always_random:
-        raise InputError(f"{spec.name} exists only as a random stand-in; use --weights random")
     if weights == "hub":
+        if spec.hub_id is None:
+            raise InputError(f"{spec.name} has no hub checkpoint (it is a random stand-in); use --weights random, "
+                             f"or a directory written by `vramfit export {spec.name}`")
         return Weights("hub", path=spec.hub_id)
     p = Path(weights)
     if not p.exists():
@@ -278,9 +279,37 @@ def load_pretrained_component(source: str, component: str, dtype, device, quanti
         kwargs["torch_dtype"] = dtype
     model = cls.from_pretrained(source, **kwargs)
     model = model.eval().requires_grad_(False)
-    if device is not None and quantization_config is None:
+    cfg = model.config if isinstance(model.config, dict) else vars(model.config)
+    saved_q = cfg.get("quantization_config")
+    method = saved_q.get("quant_method") if isinstance(saved_q, dict) else getattr(saved_q, "quant_method", None)
+    # bitsandbytes places its weights on the GPU while loading, and 8-bit models refuse .to()
+    if device is not None and quantization_config is None and str(method) not in ("bitsandbytes",
+                                                                                  "QuantizationMethod.BITS_AND_BYTES"):
         model = model.to(device)
     return model
+
+
+def saved_quantization(weights: "Weights", component: str) -> dict | None:
+    """The quantization_config stored in a local checkpoint's component config, if any (hub: not looked up)."""
+    if weights.kind != "dir":
+        return None
+    cfg = Path(weights.path) / component / "config.json"
+    if not cfg.exists():
+        return None
+    return json.loads(cfg.read_text()).get("quantization_config")
+
+
+def checkpoint_recipe(weights: "Weights") -> dict[str, str]:
+    """Component values a checkpoint written by ``vramfit quantize`` holds (from its vramfit.json)."""
+    if weights.kind != "dir":
+        return {}
+    marker = Path(weights.path) / "vramfit.json"
+    if not marker.exists():
+        return {}
+    m = json.loads(marker.read_text())
+    out = {c: v for c, v in m.get("stored", {}).items() if v != "bf16"}
+    out.update(m.get("applied_on_load", {}))
+    return out
 
 
 def load_tokenizers(spec: ModelSpec, weights: Weights):
