@@ -47,57 +47,70 @@ def quant_module():
 # checks before any heavy work
 
 
+def problems(components: dict[str, str], offload: str, compile: str, attention: str, device_type: str):
+    """Yield (reason, alternative) for every reason this combination cannot run on ``device_type``.
+
+    The one rule set behind both the refusals (``check``) and ``vramfit recipes``' matrix (``compat_matrix``).
+    """
+    if device_type != "cuda":
+        if offload in ACCELERATOR_OFFLOADS:
+            yield (f"offload={offload} needs a CUDA GPU: it keeps weights in host memory and moves them onto the GPU "
+                   f"when they are used, and this machine has no GPU"), \
+                "offload=none, or offload=staged (loads each stage's components only for that stage)"
+        if attention not in CPU_ATTENTION:
+            yield f"attention={attention} needs a CUDA GPU (its kernels are GPU-only)", "attention=native"
+    if compile != "off" and offload == "sequential":
+        yield ("compile with offload=sequential: accelerate moves every leaf module's weights inside its forward, "
+               "which splits the compiled graph at every layer"), \
+            "offload=group-block with compile=regional, or offload=model with compile=regional"
+    quantized = {c: v for c, v in components.items() if v not in PRECISIONS}
+    if not quantized:
+        return
+    q = quant_module()
+    if q is None:
+        comp, value = next(iter(quantized.items()))
+        yield f"{comp}={value}: quantization is not yet supported in this build", \
+            f"{comp}=bf16 with offload=model or offload=group-block to fit less memory"
+        return
+    # the CPU-offload refusal above already covers quant's own accelerator-offload rule
+    seen_cpu_offload = device_type != "cuda" and offload in ACCELERATOR_OFFLOADS
+    for reason, alt in q._problems(components, offload, compile, device_type, installed=True):
+        if seen_cpu_offload and reason.startswith(f"offload={offload} moves weights"):
+            continue
+        yield reason, alt
+
+
 def check(recipe: Recipe, device: torch.device) -> dict:
     """Refuse what cannot run on this device, with reason and alternative. Returns dynamo settings to apply."""
-    if device.type == "cpu":
-        if recipe.offload in ACCELERATOR_OFFLOADS:
-            raise RecipeError(
-                f"offload={recipe.offload} needs a CUDA GPU: it keeps weights in host memory and moves them onto "
-                f"the GPU when they are used, and this machine has no GPU. Alternative: offload=none, or "
-                f"offload=staged (loads each stage's components only for that stage)"
-            )
-        if recipe.attention not in CPU_ATTENTION:
-            raise RecipeError(
-                f"attention={recipe.attention} needs a CUDA GPU (its kernels are GPU-only). Alternative: "
-                f"attention=native"
-            )
-    elif recipe.attention != "native":
+    if device.type == "cuda" and recipe.attention != "native":
         try:
             from diffusers.models.attention_dispatch import _check_attention_backend_requirements
 
             _check_attention_backend_requirements(recipe.attention)
         except (RuntimeError, ImportError, ValueError) as e:
             raise RecipeError(f"attention={recipe.attention} cannot run here: {e}. Alternative: attention=native")
-    for comp, value in recipe.components.items():
-        if value == "fp16" and comp == "transformer":
-            pass  # allowed: FLUX in fp16 is a known user choice (it may overflow; fidelity numbers will show it)
-    quantized = recipe.quantized()
-    if not quantized:
-        if recipe.compile != "off" and recipe.offload == "sequential":
-            raise RecipeError(
-                "compile with offload=sequential: accelerate moves every leaf module's weights inside its forward, "
-                "which splits the compiled graph at every layer. Alternative: offload=group-block with "
-                "compile=regional, or offload=model with compile=regional"
-            )
-        return _dynamo_for(recipe, None)
+    for reason, alt in problems(recipe.components, recipe.offload, recipe.compile, recipe.attention, device.type):
+        raise RecipeError(f"{reason}. Alternative: {alt}")
+    return _dynamo_for(recipe, quant_module() if recipe.quantized() else None)
+
+
+def compat_matrix(device_type: str = "cuda") -> list[dict]:
+    """Every value (on the transformer, or on text_encoder_2 where it does not apply there) x offload x compile,
+    judged by ``problems``: the code that enforces the refusals generates the table."""
+    from .recipe import COMPILES, OFFLOADS, QUANT_VALUES
+
     q = quant_module()
-    if q is None:
-        comp, value = next(iter(quantized.items()))
-        raise RecipeError(
-            f"{comp}={value}: quantization is not yet supported in this build. Alternative: {comp}=bf16 with "
-            f"offload=model or offload=group-block to fit less memory"
-        )
-    for comp, value in quantized.items():
-        reason = q.unavailable_reason(value, device.type)
-        if reason:
-            raise RecipeError(f"{comp}={value}: {reason}")
-    q.check_combination(recipe.components, recipe.offload, recipe.compile, device.type)
-    if recipe.compile != "off" and recipe.offload == "sequential":
-        raise RecipeError(
-            "compile with offload=sequential splits the compiled graph at every layer. Alternative: "
-            "offload=model with compile=regional"
-        )
-    return _dynamo_for(recipe, q)
+    rows = []
+    for value in ("bf16", "fp16", *QUANT_VALUES):
+        comp = "transformer"
+        if q is not None and value in q.BACKENDS and "transformer" not in q.BACKENDS[value].components:
+            comp = q.BACKENDS[value].components[0]
+        for offload in OFFLOADS:
+            for compile in COMPILES:
+                found = list(problems({comp: value}, offload, compile, "native", device_type))
+                rows.append({"value": value, "component": comp, "offload": offload, "compile": compile,
+                             "ok": not found, "reason": "; ".join(f"{r}. Alternative: {a}" for r, a in found)})
+    return rows
 
 
 def _dynamo_for(recipe: Recipe, q) -> dict:

@@ -37,10 +37,10 @@ def add_parser(sub) -> None:
 
 
 def cmd_recipes(args) -> int:
-    from . import quant
+    from . import apply, quant
     from .recipe import COMPILES, OFFLOADS, PRESETS
 
-    rows = quant.compat_matrix()
+    rows = apply.compat_matrix()
     if args.json:
         print(json.dumps({"backends": {k: vars(v) for k, v in quant.BACKENDS.items()}, "matrix": rows,
                           "presets": PRESETS}, indent=2, default=str))
@@ -50,16 +50,15 @@ def cmd_recipes(args) -> int:
     for v, s in quant.BACKENDS.items():
         print(f"  {v:<20}{s.library:<16}{s.bits:>6.2f}  {'yes' if s.needs_cuda else 'no':<10}"
               f"{'yes' if s.serializable else 'no':<7}{','.join(s.components)}")
-    print("\ncompatibility on a CUDA GPU (ok = runs; x = refused up front), value on the transformer:")
-    combos = [(o, c) for o in OFFLOADS for c in COMPILES]
-    print(f"  {'':<20}" + "".join(f"{o[:11]:>12}" for o in OFFLOADS))
-    print(f"  {'':<20}" + "".join(f"{'off/reg/full':>12}" for _ in OFFLOADS))
+    print("\ncompatibility on a CUDA GPU (ok = runs; x = refused up front), value on the transformer "
+          "(text_encoder_2 where the value does not apply to it); each cell: compile off/regional/full")
+    print(f"  {'':<20}" + "".join(f"{o:>14}" for o in OFFLOADS))
     index = {(r["value"], r["offload"], r["compile"]): r for r in rows}
-    for v in quant.BACKENDS:
+    for v in dict.fromkeys(r["value"] for r in rows):
         cells = []
         for o in OFFLOADS:
             cells.append("/".join("ok" if index[(v, o, c)]["ok"] else "x" for c in COMPILES))
-        print(f"  {v:<20}" + "".join(f"{c:>12}" for c in cells))
+        print(f"  {v:<20}" + "".join(f"{c:>14}" for c in cells))
     refused = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(refused)} of {len(rows)} combinations run; refused ones, by reason:")
     seen = set()
@@ -69,7 +68,6 @@ def cmd_recipes(args) -> int:
             continue
         seen.add(key)
         print(f"  - {r['value']} + offload={r['offload']} compile={r['compile']}: {r['reason']}")
-    del combos
     return 0
 
 
