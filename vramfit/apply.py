@@ -166,9 +166,12 @@ def load_component(
                      **_describe(module))
         return module
     if weights.kind == "random":
-        module = models.build_random_component(spec, component, weights.seed, device, dtype)
+        # a stand-in to be quantized is built in host memory and quantized onto the device layer by layer, as
+        # quantize-on-load does with real checkpoints: the bf16 component never sits whole on the GPU
+        build_on = torch.device("cpu") if q is not None else device
+        module = models.build_random_component(spec, component, weights.seed, build_on, dtype)
         manifest.add("load", component=component, source=f"random seed={weights.seed}", dtype=str(dtype),
-                     device=str(device), generated_on=str(models.random_generation_device(device)),
+                     device=str(build_on), generated_on=str(models.random_generation_device(build_on)),
                      **_describe(module))
         if q is not None:
             manifest.add(**{"component": component, **q.quantize_component(module, component, value, device)})
@@ -233,10 +236,19 @@ def assemble(spec: ModelSpec, weights: Weights, components: dict) -> "FluxPipeli
 
 
 def load_device_for(recipe: Recipe, device: torch.device, component: str) -> torch.device:
-    """Where a component is built before the offload strategy takes over."""
-    if recipe.offload in ACCELERATOR_OFFLOADS and getattr(recipe, component) in PRECISIONS:
-        return torch.device("cpu")  # the offload strategy keeps it in host memory
-    return device  # resident, staged, or quantized (quantization kernels run on the target device)
+    """Where a component is placed before the offload strategy takes over: in host memory when the strategy
+    keeps it there, unless its quantization only runs on the GPU (CUDA-only kernels; bitsandbytes quantizes as
+    it moves to the GPU), in which case the quantized component passes through the GPU once while loading."""
+    value = getattr(recipe, component)
+    if recipe.offload not in ACCELERATOR_OFFLOADS:
+        return device  # resident or staged
+    if value in PRECISIONS:
+        return torch.device("cpu")
+    q = quant_module()
+    spec = q.get_spec(value) if q is not None else None
+    if spec is not None and not spec.needs_cuda and spec.family != "bnb":
+        return torch.device("cpu")
+    return device
 
 
 def build_pipeline(spec, weights, recipe: Recipe, device: torch.device, manifest: Manifest, gguf_file=None):

@@ -259,19 +259,34 @@ def run_bench(files: list[str], out: Path, device: str, only=None, skip=None, ma
     print(f"vramfit bench: {len(todo)} runs -> {results} (device {device}"
           f"{', ' + str(len(done)) + ' already done' if done else ''})", flush=True)
     print(table_header(), flush=True)
-    rows = []
-    for s in todo:
-        row = skipped_row(s) if s.skip else run_scenario(s, out, device, s.timeout or max_seconds)
-        append_row(results, row)
-        rows.append(row)
-        print(table_line(row), flush=True)
+    rows, code = [], 0
+    try:
+        for s in todo:
+            row = skipped_row(s) if s.skip else run_scenario(s, out, device, s.timeout or max_seconds)
+            append_row(results, row)
+            rows.append(row)
+            print(table_line(row), flush=True)
+    except (SystemExit, KeyboardInterrupt) as stop:
+        # stopped from outside (a device call's time budget): say so in rows instead of leaving them out
+        code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130
+        for j, s in enumerate(todo[len(rows):]):
+            if s.skip:
+                row = skipped_row(s)
+            else:
+                row = {**base_row(s), "status": "error" if j == 0 else "skipped",
+                       "exit_reason": "interrupted" if j == 0 else "not-run",
+                       "error": f"bench stopped (exit {code}) " + ("while this scenario ran" if j == 0 else
+                                                                  "before this scenario started")}
+            append_row(results, row)
+            rows.append(row)
+            print(table_line(row), flush=True)
     summary = {"schema": SUMMARY_SCHEMA, "results": str(results), "runs": len(rows),
                "ok": sum(r["status"] == "ok" for r in rows), "error": sum(r["status"] == "error" for r in rows),
                "skipped": sum(r["status"] == "skipped" for r in rows),
                "exit_reasons": _count(r["exit_reason"] for r in rows if r["exit_reason"]),
-               "resumed_past": sorted(done), "wall_s": round(time.time() - t0, 1)}
+               "resumed_past": sorted(done), "wall_s": round(time.time() - t0, 1), "stopped": code != 0}
     print(json.dumps(summary), flush=True)
-    return 0
+    return code
 
 
 def _finished_names(results: Path) -> set[str]:
@@ -504,6 +519,12 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
 
         recipe = recipe.with_(transformer=read_gguf_type(s.gguf))
     row.update(recipe=str(recipe), weights=weights.describe())
+    t0 = time.perf_counter()
+    from diffusers import FluxPipeline  # noqa: F401  Python imports are not load time (seconds of it on CPU)
+
+    for c in models.COMPONENTS:
+        models.component_class(c)
+    import_s = round(time.perf_counter() - t0, 3)
     runner = Runner(spec, weights, recipe, device, gguf_file=s.gguf, progress=False)  # refusals raise here
     runner.load()
     records, last = [], {}
@@ -521,7 +542,8 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
     rec = records[-1]
     result = {"device": rec["device"], "versions": rec["versions"], "manifest": rec["manifest"],
               "weight_bytes": rec["weight_bytes"], "weight_gb_total": rec["weight_gb_total"],
-              "load_s": records[0]["timings"]["load_s"], "memory": _memory(records), **_timings(records),
+              "import_s": import_s, "load_s": records[0]["timings"]["load_s"], "memory": _memory(records),
+              **_timings(records),
               "runs": [{"seed": r["request"]["seed"], "run_index": r["run_index"], "latents": r["latents"],
                         "timings": r["timings"], "memory": r["memory"]} for r in records]}
     images_dir = out / "images"
@@ -531,7 +553,10 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
         p = images_dir / f"{safe_name(s.name)}-s{seed}.png"
         res.image.save(p)
         result["images"][str(seed)] = str(p.relative_to(out))
-    result["fidelity"] = _fidelity(s, out, last)
+    try:  # the measurements above stand even if scoring fails
+        result["fidelity"] = _fidelity(s, out, last)
+    except Exception as e:  # noqa: BLE001
+        result["fidelity"] = {"reference": s.ref_key, "error": f"{type(e).__name__}: {e}"}
     if s.role == "reference":
         result["reference_files"] = {str(seed): [str(p.relative_to(out)) for p in ref_paths(out, s.ref_key, seed)]
                                      for seed in s.seeds}
@@ -571,11 +596,18 @@ def _timings(records: list[dict]) -> dict:
 
 
 def _memory(records: list[dict]) -> dict:
+    """GPU memory after load and at peak while generating. The peak including loading is kept apart: a random
+    stand-in is quantized in memory after a bf16 build, so its load peak is the bf16 model's, which a pre-quantized
+    checkpoint would not need."""
     al = records[0]["memory"]["after_load"]
     gpu = "allocated_gb" in al
-    peak = lambda k: max(r["memory"][k] for r in records) if gpu else None  # noqa: E731
+
+    def peak(k):
+        return max(r["memory"][k] for r in records) if gpu else None
+
     return {"gpu": gpu, "after_load_gb": al.get("allocated_gb"), "after_load_reserved_gb": al.get("reserved_gb"),
-            "peak_gb": peak("peak_allocated_gb"), "peak_reserved_gb": peak("peak_reserved_gb"),
+            "peak_gb": peak("generate_peak_allocated_gb"), "peak_reserved_gb": peak("generate_peak_reserved_gb"),
+            "peak_incl_load_gb": peak("peak_allocated_gb"),
             "host_after_load_gb": al.get("rss_gb"),
             "host_peak_rss_gb": max((r["memory"]["host_peak_rss_gb"] or 0.0) for r in records)}
 
@@ -608,7 +640,10 @@ def _fidelity(s: Scenario, out: Path, last: dict) -> dict:
             "images_identical": identical,
         })
     ok = [p for p in per_seed if "error" not in p]
-    mean = lambda k: None if not ok or any(p[k] is None for p in ok) else round(sum(p[k] for p in ok) / len(ok), 6)  # noqa: E731
+
+    def mean(k):
+        return None if not ok or any(p[k] is None for p in ok) else round(sum(p[k] for p in ok) / len(ok), 6)
+
     psnrs = [p["psnr_db"] for p in ok if p["psnr_db"] is not None]
     return {"reference": s.ref_key, "seeds": len(ok), "per_seed": per_seed,
             "psnr_db": round(sum(psnrs) / len(psnrs), 3) if psnrs else None,  # identical images: PSNR is infinite

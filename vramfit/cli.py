@@ -104,11 +104,24 @@ def cmd_generate(args) -> int:
     req.validate()
     out = check_out_file(args.out, ".png")
     device = measure.resolve_device(args.device)
-    runner = Runner(spec, weights, recipe, device, gguf_file=args.gguf, progress=not args.no_progress)
+    if args.vram:
+        if args.recipe or args.gguf:
+            raise InputError("--vram picks the recipe itself; drop --recipe/--gguf, or drop --vram to run yours")
+        from . import plan
 
-    print(f"vramfit: {spec.name} | weights {weights.kind}{' ' + weights.path if weights.path else ''} | "
-          f"{device} | recipe {recipe}", file=sys.stderr)
-    result = runner.generate(req)
+        plan.parse_size(args.vram)  # a bad budget fails here, before any heavy work
+
+        def make_runner(r):
+            return Runner(spec, weights, r, device, progress=not args.no_progress)
+
+        result, _ = plan.generate_with_budget(spec, weights, args.vram, req, device, make_runner,
+                                              log=lambda m: print(m, file=sys.stderr), gpu=args.gpu,
+                                              max_error=args.max_error)
+    else:
+        runner = Runner(spec, weights, recipe, device, gguf_file=args.gguf, progress=not args.no_progress)
+        print(f"vramfit: {spec.name} | weights {weights.kind}{' ' + weights.path if weights.path else ''} | "
+              f"{device} | recipe {recipe}", file=sys.stderr)
+        result = runner.generate(req)
     rec = result.record
     rec["output"] = {"image": str(out), "json": str(out.with_suffix(".json"))}
     atomic_write(out, lambda tmp: result.image.save(tmp, format="PNG"))
@@ -149,7 +162,8 @@ def print_summary(rec: dict) -> None:
     al = m["after_load"]
     if "allocated_gb" in al:
         print(f"memory     after load {gb(al['allocated_gb'])} allocated ({gb(al['reserved_gb'])} reserved) | "
-              f"peak {gb(m['peak_allocated_gb'])} allocated ({gb(m['peak_reserved_gb'])} reserved) | "
+              f"peak while generating {gb(m['generate_peak_allocated_gb'])} allocated "
+              f"({gb(m['generate_peak_reserved_gb'])} reserved) | peak incl. load {gb(m['peak_allocated_gb'])} | "
               f"host peak RSS {gb(m['host_peak_rss_gb'])}")
     else:
         print(f"memory     host RSS after load {gb(al.get('rss_gb'))} | host peak RSS {gb(m['host_peak_rss_gb'])}")
@@ -231,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--out", default="outputs/image.png", help="PNG path; the run JSON is written beside it")
+    g.add_argument("--vram", default=None, help="a GPU-memory budget (8GB, 24GiB, auto): plan, then run the "
+                   "fastest recipe predicted to fit; on out-of-memory fall back to the next")
+    g.add_argument("--gpu", default=None, help="with --vram: plan for this GPU profile instead of probing (local)")
+    g.add_argument("--max-error", type=float, default=None, help="with --vram: fidelity bound (relative error)")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--json", action="store_true", help="print the run record as JSON on the last line")
     g.set_defaults(func=cmd_generate)

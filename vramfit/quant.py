@@ -389,8 +389,10 @@ def _bnb_quantize(module, value, device, compute_dtype):
         new.requires_grad_(False)
         return new
 
-    module.to(device)  # everything else (norms, embeddings) to the device too
+    # linears first, one at a time from wherever they are (each is quantized on the device as it moves), then
+    # the rest (norms, embeddings): the bf16 component never sits whole on the device
     _replace_linears(module, make, _not_convert_keys(module))
+    module.to(device)
     return ("bitsandbytes.nn.Linear8bitLt/Int8Params(has_fp16_weights=False, threshold=6.0)" if value == "bnb-int8"
             else f"bitsandbytes.nn.Linear4bit/Params4bit(quant_type={_BNB_4BIT[value]!r}, blocksize=64, "
                  "compress_statistics=False)")
@@ -398,9 +400,10 @@ def _bnb_quantize(module, value, device, compute_dtype):
 
 def _layerwise(module, component, value, device, compute_dtype):
     storage = torch.float8_e5m2 if value.endswith("e5m2") else torch.float8_e4m3fn
-    module.to(device)
+    # cast where the weights are, then move the fp8 weights: the bf16 component never sits whole on the device
     if hasattr(module, "enable_layerwise_casting"):  # diffusers ModelMixin: honours the model's skip patterns
         module.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute_dtype)
+        module.to(device)
         return f"ModelMixin.enable_layerwise_casting(storage_dtype={storage}, compute_dtype={compute_dtype})"
     from diffusers.hooks import apply_layerwise_casting
 
@@ -408,6 +411,7 @@ def _layerwise(module, component, value, device, compute_dtype):
     # keep-in-fp32 modules (T5's wo: T5 casts its input to wo's weight dtype) in the compute dtype
     skip = ("norm", "embed", "position", "shared", *(rf"(^|\.){k}$" for k in _not_convert_keys(module)))
     apply_layerwise_casting(module, storage_dtype=storage, compute_dtype=compute_dtype, skip_modules_pattern=skip)
+    module.to(device)
     return (f"diffusers.hooks.apply_layerwise_casting(storage_dtype={storage}, compute_dtype={compute_dtype}, "
             f"skip_modules_pattern={skip})")
 
@@ -484,9 +488,11 @@ def quantize_component(module: torch.nn.Module, component: str, value: str, devi
 
         cfg = _torchao_config(value)
         skip = _not_convert_keys(module)
-        module.to(device)
+        # quantize_(device=...) moves each matched linear to the device just before quantizing it; the rest
+        # follows after, so the bf16 component never sits whole on the device
         quantize_(module, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not _skipped(fqn, skip),
                   device=device)
+        module.to(device)
         api = f"torchao.quantization.quantize_(module, {type(cfg).__name__}(...))"
     elif spec.family == "quanto":
         from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize

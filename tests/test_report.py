@@ -1,0 +1,134 @@
+"""vramfit report on hand-made bench rows (no model runs): offline HTML, sortable table data, PNGs, blind test."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vramfit import report
+from vramfit.bench import ROW_SCHEMA, append_row
+from vramfit.errors import InputError
+
+
+def row(name, *, peak, step, psnr=30.0, role="scenario", status="ok", seed=0, image=None, **extra) -> dict:
+    r = {"schema": ROW_SCHEMA, "scenario": name, "role": role, "status": status, "exit_reason": None, "error": None,
+         "model": "flux-dev", "weights": {"kind": "random", "seed": 0}, "recipe": f"recipe-of-{name}",
+         "recipe_requested": name, "request": {"prompt": "a fox", "height": 512, "width": 512, "seeds": [seed]},
+         "steps": 28, "steps_reduced": False, "device": {"type": "cuda", "name": "NVIDIA H200"},
+         "versions": {"torch": "2.11.0", "diffusers": "0.42.1"}, "weight_gb_total": peak - 1, "load_s": 12.0,
+         "memory": {"gpu": True, "after_load_gb": peak - 2, "after_load_reserved_gb": peak - 1.5, "peak_gb": peak,
+                    "peak_reserved_gb": peak + 1, "host_peak_rss_gb": 2.0},
+         "cold": {"total_s": step * 30, "compile_s": None, "s_per_step": step},
+         "warm": {"n": 2, "total_s_median": step * 28, "total_s_p90": step * 29, "s_per_step_median": step},
+         "fidelity": {"psnr_db": None if psnr == float("inf") else psnr, "ssim": 0.9, "latent_rel_l2": 0.01,
+                      "images_identical": psnr == float("inf")},
+         "images": {str(seed): image} if image else {}}
+    if status != "ok":
+        r.update(exit_reason="oom", error="OutOfMemoryError: CUDA out of memory", memory=None, cold=None, warm=None,
+                 fidelity=None)
+    r.update(extra)
+    return r
+
+
+@pytest.fixture()
+def results(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    rows = []
+    specs = [("bf16", 36.0, 0.18, float("inf")), ("nf4", 9.0, 0.19, 31.0), ("fp8", 17.0, 0.21, 40.0),
+             ("slow-big", 40.0, 0.5, 35.0), ("seq-offload", 2.6, 3.6, float("inf"))]
+    for name, peak, step, psnr in specs:
+        img = f"images/{name}-s0.png"
+        Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(tmp_path / img)
+        role = "reference" if name == "bf16" else "scenario"
+        rows.append(row(name, peak=peak, step=step, psnr=psnr, image=img, role=role))
+    rows.append(row("int8-offload", peak=0, step=0, status="error"))
+    rows.append(row("nf4", peak=8.0, step=0.2, psnr=31.0, image="images/nf4-s0.png"))  # rerun: the last row counts
+    for r in rows:
+        append_row(tmp_path / "results.jsonl", r)
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write('{"schema": "vramfit.bench/1", "scen')  # a torn last line from a killed bench is ignored
+    return tmp_path / "results.jsonl"
+
+
+def embedded(html: str, element_id: str):
+    m = re.search(rf'<script type="application/json" id="{element_id}">(.*?)</script>', html, re.S)
+    return json.loads(m.group(1).replace("<\\/", "</"))
+
+
+def test_report_is_offline_and_complete(results, tmp_path):
+    out = tmp_path / "rep"
+    p = subprocess.run([sys.executable, "-m", "vramfit", "report", str(results), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["rows"] == 6
+    for name in ("index.html", "blind.html", "memory_latency.png", "bars.png", "grid.png"):
+        assert (out / name).is_file(), name
+    for name in ("memory_latency.png", "bars.png", "grid.png"):
+        assert Image.open(out / name).format == "PNG"
+    for page in ("index.html", "blind.html"):
+        html = (out / page).read_text()
+        # nothing is fetched when the page opens: no external src/href, no stylesheet or script files
+        assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", html, re.I), page
+        assert "<link" not in html and not re.search(r"<script[^>]*\bsrc=", html) and "@import" not in html
+        assert "http://" not in html and "https://" not in html
+    html = (out / "index.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 3  # scatter, bars, grid embedded
+    assert "random stand-in" in html and "NVIDIA H200" in html and "torch 2.11.0" in html
+    assert "nf4: measured more than once" in html
+
+
+def test_table_data_has_every_row_and_error(results, tmp_path):
+    report.make_report([results], tmp_path / "rep")
+    html = (tmp_path / "rep" / "index.html").read_text()
+    data = {d["scenario"]: d for d in embedded(html, "rows")}
+    cols = [c[0] for c in embedded(html, "cols")]
+    assert set(data) == {"bf16", "nf4", "fp8", "slow-big", "seq-offload", "int8-offload"}
+    assert data["int8-offload"]["status"] == "oom" and "out of memory" in data["int8-offload"]["error"]
+    assert data["nf4"]["peak_gb"] == 8.0  # the later row
+    assert data["bf16"]["psnr_db"] == "inf"  # identical image, sorts above every number
+    for key in ("load_s", "after_load_gb", "after_load_reserved_gb", "peak_gb", "peak_reserved_gb", "compile_s",
+                "warm_s", "warm_p90_s", "s_per_step", "psnr_db", "ssim", "latent_rel_l2", "error"):
+        assert key in cols
+
+
+def test_pareto_front():
+    # (latency, memory, id): 1 is fastest, 3 is smallest, 2 is between, 4 is beaten by 2 on both
+    pts = [(0.18, 36.0, 1), (0.21, 17.0, 2), (3.6, 2.6, 3), (0.5, 40.0, 4), (0.19, 9.0, 5)]
+    assert report.pareto(pts) == [1, 5, 3]
+    assert report.pareto([(1.0, 1.0, 0)]) == [0]
+
+
+def test_grid_stays_small_and_blind_page_hides_then_reveals(results, tmp_path, monkeypatch):
+    report.make_report([results], tmp_path / "full")
+    full = tmp_path / "full" / "grid.png"
+    assert 400_000 < full.stat().st_size < report.GRID_MAX_BYTES  # noise thumbnails hardly compress
+    monkeypatch.setattr(report, "GRID_MAX_BYTES", 400_000)
+    report.make_report([results], tmp_path / "rep")
+    grid = tmp_path / "rep" / "grid.png"
+    assert grid.stat().st_size < 400_000  # the thumbnails shrank until it fit
+    assert Image.open(grid).height < Image.open(full).height
+    blind = (tmp_path / "rep" / "blind.html").read_text()
+    cards = embedded(blind, "cards")
+    assert len(cards) == 5  # every measured image of the prompt/seed, the error row has none
+    assert all(c["src"].startswith("data:image/png;base64,") for c in cards)
+    assert sorted(re.search(r"<b>(.*?)</b>", c["label"]).group(1) for c in cards) == sorted(
+        ["bf16", "nf4", "fp8", "slow-big", "seq-offload"])
+    # names appear only inside the cards' labels (revealed by the script on click), never as visible text
+    visible = re.sub(r'<script type="application/json" id="cards">.*?</script>', "", blind, flags=re.S)
+    assert "slow-big" not in visible and "Math.random" in blind
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(InputError, match="no such results file"):
+        report.make_report([tmp_path / "missing.jsonl"], tmp_path / "rep")
+    (tmp_path / "other.jsonl").write_text('{"schema": "vramfit.run/1", "scenario": "x"}\n')
+    with pytest.raises(InputError, match="expected vramfit.bench/1"):
+        report.make_report([tmp_path / "other.jsonl"], tmp_path / "rep")
