@@ -504,6 +504,41 @@ downscaled to {BLIND_THUMB}px. Click an image to see which recipe made it. <butt
 # command
 
 
+# the columns of the Markdown summary (the HTML table has all of COLUMNS)
+MARKDOWN_COLUMNS = ("scenario", "status", "recipe", "steps", "load_s", "after_load_gb", "peak_gb", "peak_reserved_gb",
+                    "host_peak_rss_gb", "compile_s", "warm_s", "s_per_step", "psnr_db", "ssim", "latent_rel_l2")
+
+
+def _cell(value, decimals) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value == float("inf"):
+            return "inf"
+        return f"{value:.{decimals}f}" if decimals is not None else f"{value:g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A Markdown table of the main columns, one line per row; failed rows keep their reason in the status."""
+    cols = [c for c in COLUMNS if c[0] in MARKDOWN_COLUMNS]
+    lines = ["| " + " | ".join(h for _, h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for key, _, get, dec in cols:
+            try:
+                v = get(r)
+            except (KeyError, TypeError):
+                v = None
+            if key == "status" and r["status"] != "ok":
+                v = f"{v}: {(r.get('error') or '')[:120]}"
+            if key == "recipe" and v:
+                v = f"`{v}`"
+            cells.append(_cell(v, dec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def make_report(paths: list[Path], out: Path) -> dict:
     rows, notes = load(paths)
     out.mkdir(parents=True, exist_ok=True)
@@ -528,7 +563,8 @@ def make_report(paths: list[Path], out: Path) -> dict:
             if random_weights else "Real weights.")
     blind_title = groups[0][0] if groups else "no images (no scenario finished)"
     (out / "blind.html").write_text(blind_html(blind_title, groups[0][1] if groups else [], note))
-    written = ["index.html", "blind.html", *(p.name for p in pngs.values())]
+    (out / "results.md").write_text(f"# {title}\n\n{markdown_table(rows)}")
+    written = ["index.html", "blind.html", "results.md", *(p.name for p in pngs.values())]
     return {"schema": "vramfit.report/1", "out": str(out), "rows": len(rows), "ok": len(ok), "files": written}
 
 
