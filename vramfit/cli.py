@@ -52,6 +52,24 @@ def check_out_dir(out: str) -> Path:
     return p
 
 
+def save_pipeline_dir(pipe, out: Path, marker: dict) -> int:
+    """``save_pretrained`` into a temporary directory beside ``out`` plus ``vramfit.json`` (what the checkpoint
+    holds), then rename it to ``out``: a failure leaves nothing half-written. Returns the bytes written."""
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}."))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "vramfit.json").write_text(json.dumps(marker, indent=2, default=str) + "\n")
+        if out.exists():
+            out.rmdir()  # check_out_dir allowed only an empty directory
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+
+
 def gb(x) -> str:
     return "-" if x is None else f"{x:.2f} GB"
 
@@ -85,10 +103,7 @@ def _count(n: int) -> str:
 
 
 def cmd_generate(args) -> int:
-    import torch  # noqa: F401  (heavy imports only after argument parsing)
-
-    from . import measure, models
-    from .recipe import Recipe
+    from . import measure, models  # heavy imports only after argument parsing
     from .run import Runner, request_for
 
     spec = models.get_model(args.model)
@@ -155,7 +170,7 @@ def print_summary(rec: dict) -> None:
           f"{', ' + w['path'] if 'path' in w else ''})")
     print(f"recipe     {rec['recipe']}")
     print(f"device     {rec['device'].get('name', rec['device']['type'])}")
-    print(f"applied    " + "; ".join(_step_line(s) for s in rec["manifest"]))
+    print("applied    " + "; ".join(_step_line(s) for s in rec["manifest"]))
     print(f"time       load {t['load_s']:.2f}s | encode {t['encode_s']:.3f}s | denoise {t['denoise_s']:.2f}s "
           f"({t['s_per_step']:.3f} s/step) | decode {t['decode_s']:.3f}s | total {t['total_s']:.2f}s"
           + (f" | compile {t['compile_s']:.1f}s" if "compile_s" in t else ""))
@@ -196,23 +211,11 @@ def cmd_export(args) -> int:
     manifest = apply.Manifest()
     comps = {c: models.build_random_component(spec, c, weights.seed, device, torch.bfloat16) for c in models.COMPONENTS}
     pipe = apply.assemble(spec, weights, comps)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}."))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        marker = {"written_by": f"vramfit {__version__}", "model": spec.name, "weights": "random",
-                  "seed": weights.seed, "generated_on": str(models.random_generation_device(device)),
-                  "dtype": "bf16", "note": "random stand-in: real architecture, seeded random weights"}
-        (tmp / "vramfit.json").write_text(json.dumps(marker, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+    size = save_pipeline_dir(pipe, out, {
+        "written_by": f"vramfit {__version__}", "model": spec.name, "weights": "random", "seed": weights.seed,
+        "generated_on": str(models.random_generation_device(device)), "dtype": "bf16",
+        "note": "random stand-in: real architecture, seeded random weights"})
     del manifest
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB, diffusers format, random stand-in seed {weights.seed}); "
           f"load it with --weights {out}")
     return 0

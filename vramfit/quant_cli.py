@@ -4,9 +4,6 @@ pipeline), ``export-gguf`` (write the transformer as a GGUF file in the communit
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import InputError
@@ -74,8 +71,8 @@ def cmd_recipes(args) -> int:
 def cmd_quantize(args) -> int:
     import torch
 
-    from . import __version__, apply, measure, models, quant
-    from .cli import check_out_dir
+    from . import __version__, apply, measure, models
+    from .cli import check_out_dir, save_pipeline_dir
     from .recipe import Recipe
 
     spec = models.get_model(args.model)
@@ -101,22 +98,10 @@ def cmd_quantize(args) -> int:
     manifest = apply.Manifest()
     comps = {c: apply.load_component(spec, weights, stored, c, device, manifest) for c in models.COMPONENTS}
     pipe = apply.assemble(spec, weights, comps)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}."))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        marker = {"written_by": f"vramfit {__version__}", "model": spec.name, "source_weights": weights.describe(),
-                  "recipe": str(recipe.with_(offload="none")),
-                  "stored": stored.components,
-                  "applied_on_load": on_load,
-                  "manifest": manifest.steps}
-        (tmp / "vramfit.json").write_text(json.dumps(marker, indent=2, default=str) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    size = save_pipeline_dir(pipe, out, {
+        "written_by": f"vramfit {__version__}", "model": spec.name, "source_weights": weights.describe(),
+        "recipe": str(recipe.with_(offload="none")), "stored": stored.components, "applied_on_load": on_load,
+        "manifest": manifest.steps})
     print(f"wrote {out} ({size / 1e6:.1f} MB): {recipe}")
     for c, v in on_load.items():
         why = "layerwise casting is a runtime hook" if v.startswith("fp8-layerwise") else \
