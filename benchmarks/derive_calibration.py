@@ -1,15 +1,23 @@
 """Derive the planner's constants (vramfit/calibration/calibration.json) from measured JSONL.
 
 Usage: python benchmarks/derive_calibration.py [FILE.jsonl ...]
-(default: every benchmarks/results/*/*.jsonl). Reads two kinds of rows:
+(default: every benchmarks/results/*/*.jsonl). Reads three kinds of rows:
 
 * ``calibrate.py`` rows (``kind``: probe, transformer_step, text_encoder_2_encode, text_encoder_encode,
   vae_decode): activation peaks per token / megapixel, stage latencies, the reference GPU's rates;
-* run records (``schema: vramfit.run/1``, as ``foundation.py`` and the bench write them; error rows skipped):
-  pipeline overheads, offload transfer rates, compile speed-up and cold start, and the speed factor of every
-  transformer backend measured with offload=none.
+* run records (``schema: vramfit.run/1``, as ``foundation.py`` and ``generate --json`` write them; error rows
+  skipped): cold-start costs, offload transfer rates, compile speed-up and cold start;
+* bench rows (``schema: vramfit.bench/1``; rows whose status is not ok are skipped, ``role: reference`` rows are
+  bf16 rows): warm pipeline overheads, the speed factor of every transformer backend measured with offload=none
+  (eager and compiled), and per backend *family* how its weights move (model offload, group offload streams) and
+  how fast it quantizes on load (staged).
 
-What no row measures yet keeps a value from ``SEED`` (numbers from DESIGN.md, measured on the same H200) or
+Fits that depend on the whole model are solved against ``vramfit.plan.predict`` itself (one constant at a time,
+by bisection), so the planner and this script cannot disagree about what a constant means. Nothing is fitted to
+a single scenario's name: a constant belongs to a backend value, a family or an offload strategy, and every row
+of that kind constrains it (median over rows).
+
+What no row measures keeps a value from ``SEED`` (numbers from DESIGN.md, measured on the same H200) or
 ``ASSUMED`` (marked ``"source": "assumed"``); the planner reports those as assumptions. Rerun after a bench.
 """
 
@@ -17,6 +25,8 @@ from __future__ import annotations
 
 import glob
 import json
+import re
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +38,8 @@ from vramfit import plan  # noqa: E402
 from vramfit.recipe import Recipe  # noqa: E402
 
 OUT = ROOT / "vramfit" / "calibration" / "calibration.json"
+# import + build + quantize before a compiled bench scenario starts compiling (H200, flux-dev stand-in: 45-60 s)
+TIMEOUT_SETUP_S = 60.0
 
 # Per-step times of the FLUX.1-dev transformer at 1024^2, batch 1, on the H200 (DESIGN.md table, 2026-11-21);
 # bench rows for the same value replace them.
@@ -54,8 +66,13 @@ BACKENDS = {
     **{f"gguf-{q}": ("bf16", 1.3 if q in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1") else 1.5)
        for q in ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k")},
 }
-# same-as-value aliases: measured once, valid for the twin (same kernels)
+# same-as-value aliases: measured once, valid for the twin (same kernels) -- used only while the twin itself is
+# unmeasured. LIKE: unmeasured values assumed to run at the speed of a measured value of the same dequantize path
+# (still reported as assumed): the legacy GGUF block types unpack like q4_1, the k-quants like q2_k.
 TWINS = {"bnb-fp4": "bnb-nf4", "fp8-layerwise-e5m2": "fp8-layerwise"}
+LIKE = {"quanto-fp8": "quanto-int8", "gguf-q5_1": "gguf-q4_1", "gguf-q5_0": "gguf-q4_1", "gguf-q4_0": "gguf-q4_1",
+        "gguf-q6_k": "gguf-q2_k", "gguf-q5_k": "gguf-q2_k", "gguf-q4_k": "gguf-q2_k", "gguf-q3_k": "gguf-q2_k"}
+FAMILIES = ("bnb", "torchao", "quanto", "layerwise", "gguf")
 
 # Relative L2 error of the flux-tiny transformer output vs bf16 on CPU. "measured": the quant tests' measurements
 # (int8 family 0.008-0.013, fp8 family 0.024-0.036, nf4 0.128, int4 0.09, q8_0 0.008, q4_1 0.086, q2_k 0.24);
@@ -82,7 +99,7 @@ def read(paths):
             if line.strip():
                 r = json.loads(line)
                 r = r.get("record", r)
-                r["_file"] = str(Path(p).relative_to(ROOT)) if Path(p).is_absolute() else p
+                r["_file"] = str(Path(p).resolve().relative_to(ROOT)) if Path(p).resolve().is_relative_to(ROOT) else p
                 rows.append(r)
     return rows
 
@@ -95,11 +112,40 @@ def lstsq(xs, ys):
     return a, my - a * mx
 
 
+def solve(f, target, lo, hi, iters=80):
+    """x in [lo, hi] (geometric) with f(x) == target, f monotonic; clamps to the bracket."""
+    flo, fhi = f(lo) - target, f(hi) - target
+    if flo * fhi > 0:
+        return lo if abs(flo) < abs(fhi) else hi
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi)
+        fm = f(mid) - target
+        if (fm > 0) == (flo > 0):
+            lo, flo = mid, fm
+        else:
+            hi = mid
+    return math.sqrt(lo * hi)
+
+
+def bench_measured(r):
+    """A bench row as the check reads it (warm medians, else the cold run), plus its stage times."""
+    w, c = r.get("warm") or {}, r.get("cold") or {}
+    warm = bool(w.get("n")) and w.get("total_s_median") is not None
+    g = (lambda k: w.get(f"{k}_median")) if warm else (lambda k: c.get(k))
+    return {"warm": warm, "encode_s": g("encode_s"), "denoise_s": g("denoise_s"), "decode_s": g("decode_s"),
+            "s_per_step": g("s_per_step"), "total_s": g("total_s"), "compile_s": c.get("compile_s")}
+
+
 def main(paths):
     rows = read(paths)
     kind = lambda k: [r for r in rows if r.get("kind") == k]  # noqa: E731
     runs = [r for r in rows if r.get("schema") == "vramfit.run/1" and not r.get("error") and not r.get("exit_code")
             and r.get("model") == "flux-dev" and "timings" in r]
+    skipped = [r for r in rows if r.get("schema") == "vramfit.bench/1" and r.get("status") != "ok"]
+    bench = [r for r in rows if r.get("schema") == "vramfit.bench/1" and r.get("status") == "ok"
+             and r.get("model") == "flux-dev" and (r.get("memory") or {}).get("gpu")]
+    for r in bench:
+        r["_m"] = bench_measured(r)
     probe = kind("probe")[-1]
     spec = plan.find_gpu(probe["name"])
     theo = plan.PCIE_GBPS_PER_LANE[spec["link"]["pcie_gen"]] * spec["link"]["lanes"]
@@ -123,9 +169,6 @@ def main(paths):
                    "overhead_s": round(overhead, 5), "points": len(steps)}
     eff = 1 / k
 
-    def eager_compute(shape):  # bf16 eager step without overhead, from the fit
-        return sum(plan.transformer_flops("flux-dev", shape)) / bf16 / eff
-
     t5 = kind("text_encoder_2_encode")[-1]
     clip = kind("text_encoder_encode")[-1]
     vae = kind("vae_decode")
@@ -137,10 +180,9 @@ def main(paths):
     vae_cal["tiled_overhead"] = round(statistics.fmean(
         r["s"] / (vae_cal["s_per_mpix"] * plan._tiled_mpix(plan.Shape(r["res"], r["res"]), 1024)) for r in tiled), 3)
 
-    # pipeline and offload constants from run records at their own shapes
     def shape_of(r):
         q = r["request"]
-        return plan.Shape(q["height"], q["width"], q["steps"], 1, q.get("max_sequence_length", 512))
+        return plan.Shape(q["height"], q["width"], r.get("steps", q["steps"]), 1, q.get("max_sequence_length", 512))
 
     def recipe_of(r):
         return Recipe.parse(r["recipe"])
@@ -152,21 +194,36 @@ def main(paths):
     def gbs(r, *comps):
         return sum(r["weight_bytes"][c] for c in comps) / 1e9
 
-    def pick(offload, compile="off", transformer="bf16"):
-        return [r for r in runs if recipe_of(r).offload == offload and recipe_of(r).compile == compile
-                and recipe_of(r).transformer == transformer and recipe_of(r).text_encoder_2 == "bf16"]
+    def pick(offload, compile="off", transformer="bf16", among=None):
+        return [r for r in (runs if among is None else among) if recipe_of(r).offload == offload
+                and recipe_of(r).compile == compile and recipe_of(r).transformer == transformer
+                and recipe_of(r).text_encoder_2 == "bf16"]
 
+    # pipeline: warm overheads from warm bench runs (bf16 encoders, resident); what the first run of a process
+    # pays on top (lazy CUDA/cuBLAS init) from the cold run records
+    warm_res = [r for r in bench if r["_m"]["warm"] and recipe_of(r).offload == "none" and recipe_of(r).compile == "off"]
+    warm_enc = [r for r in warm_res if recipe_of(r).text_encoder_2 == "bf16"]
     resident = pick("none") + pick("staged") + pick("none", "regional")
     load = lambda r: sum(s.get("load_s", 0) for s in r["stages"].values())  # noqa: E731
+    enc_warm = statistics.median(r["_m"]["encode_s"] - enc_compute(r) for r in warm_enc)
+    dec_warm = statistics.median((r["_m"]["decode_s"] - vae_cal["s_per_mpix"] * shape_of(r).mpix) / shape_of(r).mpix
+                                 for r in warm_res)
+    enc_cold = statistics.median(r["stages"]["encode"]["s"] - r["stages"]["encode"].get("load_s", 0) - enc_compute(r)
+                                 for r in resident)
+    dec_cold = statistics.median((r["stages"]["decode"]["s"] - r["stages"]["decode"].get("load_s", 0)
+                                  - vae_cal["s_per_mpix"] * shape_of(r).mpix) / shape_of(r).mpix for r in resident)
     pipeline = {
         "host_base_gb": round(min(r["memory"]["host_peak_rss_gb"] for r in resident), 3),
-        "encode_overhead_s": round(statistics.median(r["stages"]["encode"]["s"] - r["stages"]["encode"].get("load_s", 0)
-                                                     - enc_compute(r) for r in resident), 4),
-        "decode_overhead_s_per_mpix": round(statistics.median(
-            (r["stages"]["decode"]["s"] - r["stages"]["decode"].get("load_s", 0)
-             - vae_cal["s_per_mpix"] * shape_of(r).mpix) / shape_of(r).mpix for r in resident), 4),
+        "encode_overhead_s": round(max(enc_warm, 0.0), 4),
+        "decode_overhead_s_per_mpix": round(max(dec_warm, 0.0), 4),
+        "encode_cold_extra_s": round(enc_cold - max(enc_warm, 0.0), 4),
+        "decode_cold_extra_s": round((dec_cold - max(dec_warm, 0.0)) * 1.048576, 4),
         "first_step_extra_s": round(statistics.median(r["timings"]["first_step_s"] - r["timings"]["s_per_step_median"]
                                                       for r in pick("none") + pick("staged")), 4),
+        "source": {"encode_overhead_s, decode_overhead_s_per_mpix":
+                   f"warm bench runs, offload=none ({len(warm_res)} rows; encode: the {len(warm_enc)} with bf16 T5)",
+                   "*_cold_extra_s, first_step_extra_s": "first runs of a process (run records, offload none/staged/"
+                                                          "regional compile) minus the warm overheads"},
     }
     base_median = {id(r): r["timings"]["s_per_step_median"] for r in pick("none")}
     ref_eager = statistics.median(base_median.values())
@@ -178,26 +235,48 @@ def main(paths):
                  "source": f"cold start: {SEED_SOURCE}, torchao-fp8dq; speed-up assumed as regional"},
     }
     compile_cal["full"]["step_factor"] = compile_cal["regional"]["step_factor"]
+    # A compiled scenario killed by its timeout says its cold start was longer than the time it had left after
+    # importing, building and quantizing (~60 s on the H200): a lower bound per backend family and compile mode.
+    for r in skipped:
+        rec = Recipe.parse(r["recipe"])
+        m_ = re.search(r"killed after (\d+(?:\.\d+)?) s", r.get("error") or "")
+        if r.get("exit_reason") != "timeout" or rec.compile == "off" or not m_:
+            continue
+        fam = plan.backend_family(rec.transformer)
+        bound = round(float(m_.group(1)) - TIMEOUT_SETUP_S, 1)
+        mins = compile_cal[rec.compile].setdefault("cold_s_min_by_family", {})
+        if bound > mins.get(fam, {}).get("s", 0):
+            mins[fam] = {"s": bound, "source": f"lower bound: {r['scenario']} timed out after {m_.group(1)} s "
+                                              f"({r.get('_file', 'bench')}) minus ~{TIMEOUT_SETUP_S:.0f} s set-up"}
 
     pageable, pinned = probe["h2d_pageable_gbps"], probe["h2d_pinned_gbps"]
     m = pick("model")[0]
     sm = shape_of(m)
     enc_w, tr_w = gbs(m, "text_encoder", "text_encoder_2"), gbs(m, "transformer")
-    sync = enc_w / (m["stages"]["encode"]["s"] - pipeline["encode_overhead_s"] - enc_compute(m))
+    sync = enc_w / (m["stages"]["encode"]["s"] - enc_cold - enc_compute(m))
     moves = m["timings"]["denoise_s"] - sm.steps * m["timings"]["s_per_step_median"] - pipeline["first_step_extra_s"]
     writeback = (enc_w + tr_w) / (moves - tr_w / sync)
     sq = pick("sequential")[0]
-    seq = gbs(sq, "transformer") / (sq["timings"]["s_per_step_median"] - eager_compute(shape_of(sq)) - overhead)
-    stream = {o: round(gbs(r, "transformer") / pinned / r["timings"]["s_per_step_median"], 4)
-              for o in ("group-block", "group-leaf") for r in pick(o)[:1]}
+    eager_step = sum(plan.transformer_flops("flux-dev", shape_of(sq))) / bf16 / eff + overhead
+    seq = gbs(sq, "transformer") / (sq["timings"]["s_per_step_median"] - eager_step)
     st = pick("staged")[0]
     offload = {
         "sync_fraction_of_pageable": round(sync / pageable, 4), "writeback_gbps": round(writeback, 3),
-        "sequential_fraction_of_pageable": round(seq / pageable, 4), "stream_fraction_of_pinned": stream,
+        "sequential_fraction_of_pageable": round(seq / pageable, 4),
+        "stream_fraction_of_pinned": {"group-block": 1.0, "group-leaf": 1.0},
+        "stream_unhidden": {},
+        "moved_bytes_factor": {"sync": {}, "stream": {}, "sequential": {}},
+        "quantize_gbps": {},
         "random_gen_gbps": round(sum(st["weight_bytes"].values()) / 1e9 / load(st), 1),
         "disk_gbps": 2.0,
         "source": {"sync, writeback": m["_file"] + " offload=model (encode stage; first step and end of denoise)",
-                   "sequential": sq["_file"] + " offload=sequential", "stream": "group-block / group-leaf rows",
+                   "sequential": sq["_file"] + " offload=sequential",
+                   "stream": "streams copy at the probe's pinned rate; stream_unhidden (the part of the shorter of "
+                             "compute and copy that is not overlapped: diffusers synchronizes the host at every "
+                             "group) from the bf16 group-block / group-leaf run records",
+                   "moved_bytes_factor": "per backend family and move mechanism, fitted to every row that moves "
+                                         "that family (see each entry); 1 = its stored bytes move like bf16 bytes",
+                   "quantize_gbps": "bf16 GB quantized per second when a staged load builds a quantized component",
                    "random_gen_gbps": "staged row (random weights generated on the GPU)",
                    "disk_gbps": "assumed (NVMe read of a checkpoint)"},
     }
@@ -218,31 +297,53 @@ def main(paths):
         return (body * eff - attn / bf16) / (lin / rate)
 
     backends["bf16"].update(factor={"eager": 1.0}, source="definition (the calibration sweep is bf16 eager)")
-    for value, s in SEED.items():
+    for value, sd in SEED.items():
         f = {}
-        if "eager" in s:
-            f["eager"] = round(factor_from(value, s["eager"], shape1024, False), 3)
-        if "compiled" in s:
-            f["compiled"] = round(factor_from(value, s["compiled"], shape1024, True, "full"), 3)
-        if "eager_x_bf16" in s:
-            f["eager"] = round(factor_from(value, s["eager_x_bf16"] * ref_eager, shape1024, False), 3)
+        if "eager" in sd:
+            f["eager"] = round(factor_from(value, sd["eager"], shape1024, False), 3)
+        if "compiled" in sd:
+            f["compiled"] = round(factor_from(value, sd["compiled"], shape1024, True, "full"), 3)
+            backends[value]["compiled_mode"] = "full"
+        if "eager_x_bf16" in sd:
+            f["eager"] = round(factor_from(value, sd["eager_x_bf16"] * ref_eager, shape1024, False), 3)
         backends[value]["factor"] = f
         backends[value]["source"] = SEED_SOURCE
-        if "peak_over_weights_gb" in s:
+        if "peak_over_weights_gb" in sd:
             a_ref = transformer["act_gb_per_token"] * 4608 + transformer["act_gb_fixed"]
-            backends[value]["act_factor"] = round(max(1.0, s["peak_over_weights_gb"] / a_ref), 3)
-    for r in runs:  # bench rows: offload=none, one transformer backend at a time
+            backends[value]["act_factor"] = round(max(1.0, sd["peak_over_weights_gb"] / a_ref), 3)
+    # bench rows and run records with offload=none, one transformer backend at a time: a bench row's s/step is
+    # the mean step (denoise / steps) of its warm runs -- resident, that is the step; a run record gives its median
+    measured: dict = {}
+    for r in bench + runs:
         rc = recipe_of(r)
         if rc.offload != "none" or rc.transformer == "bf16" or rc.transformer not in backends:
             continue
+        if "_m" in r:
+            if not r["_m"]["warm"]:
+                continue  # a cold run's mean step carries the first step (and compilation): not the step
+            step = r["_m"]["s_per_step"]
+        else:
+            step = r["timings"]["s_per_step_median"]
         key = "compiled" if rc.compile != "off" else "eager"
-        f = factor_from(rc.transformer, r["timings"]["s_per_step_median"], shape_of(r), rc.compile != "off",
+        f = factor_from(rc.transformer, step, shape_of(r), rc.compile != "off",
                         rc.compile if rc.compile != "off" else "regional")
-        backends[rc.transformer]["factor"][key] = round(f, 3)
-        backends[rc.transformer]["source"] = f"measured ({r['_file']})"
+        measured.setdefault((rc.transformer, key), []).append((f, r["_file"]))
+        if key == "compiled":
+            backends[rc.transformer]["compiled_mode"] = rc.compile
+    for (value, key), fs in sorted(measured.items()):
+        backends[value]["factor"][key] = round(statistics.median(f for f, _ in fs), 3)
+        files = sorted({fl for _, fl in fs})
+        backends[value]["source"] = f"measured ({', '.join(files)}; {len(fs)} row{'s' if len(fs) > 1 else ''})"
+        if key == "eager" and "compiled" in backends[value]["factor"] and (value, "compiled") not in measured:
+            backends[value]["compiled_source"] = SEED_SOURCE  # the seed's compiled step stays
+            backends[value]["compiled_mode"] = "full"
     for twin, of in TWINS.items():
         if backends[twin]["source"] == "assumed" and backends[of]["source"] != "assumed":
             backends[twin] = {**backends[of], "source": f"as {of}: " + backends[of]["source"]}
+    for value, of in LIKE.items():
+        if backends[value]["source"] == "assumed" and backends[of]["source"] != "assumed":
+            backends[value] = {**backends[of], "source": "assumed",
+                               "basis": f"as {of} (same dequantize path; {of}: {backends[of]['source']})"}
 
     a_t5 = t5["activation_peak_gb"] / t5["tokens"]
     out = {
@@ -263,9 +364,100 @@ def main(paths):
         "budget": {"margin": 0.05, "reserve_gb": 0.5,
                    "source": "assumed: CUDA context and allocator fragmentation outside torch's allocated bytes"},
     }
+
+    # ---- constants solved against the planner itself (plan.predict reads this dict from here on)
+    plan.calibration = lambda: out  # noqa: E731  (the module's cached loader would read the old file)
+    h200 = plan._realize(spec)
+
+    def predicted(r, what):
+        p = plan.predict("flux-dev", recipe_of(r), shape_of(r), h200, r.get("weights", {}).get("kind", "hub"))
+        return sum(p[k] for k in what) if isinstance(what, tuple) else p[what]
+
+    def measured_of(r, what):
+        if "_m" in r:
+            return sum(r["_m"][k] for k in what) if isinstance(what, tuple) else r["_m"][what]
+        return r["timings"][what]
+
+    def step_target(r):  # (predicted key, measured): bench = mean step (denoise / steps), run record = median
+        if "_m" in r:
+            return "denoise_s", r["_m"]["denoise_s"]
+        return "step_s", r["timings"]["s_per_step_median"]
+
+    # stream_unhidden per strategy, from the bf16 run records (first run's median step)
+    for o in ("group-block", "group-leaf"):
+        r = pick(o)[0]
+        offload["stream_unhidden"][o] = 0.0
+
+        def f(beta, r=r, o=o):
+            offload["stream_unhidden"][o] = beta
+            return predicted(r, "step_s")
+        offload["stream_unhidden"][o] = round(solve(f, r["timings"]["s_per_step_median"], 1e-4, 1.0), 4)
+
+    def fit_family(mechanism, fam, targets, note):
+        """targets: [(row, predicted key(s), measured value)] -> median of the per-row solutions."""
+        table = offload["moved_bytes_factor"][mechanism]
+        sols = []
+        for r, key, meas in targets:
+            def f(x):
+                table[fam] = {"factor": x, "source": "fitting"}
+                return predicted(r, key)
+            sols.append((solve(f, meas, 0.05, 20.0), r))
+        table[fam] = {"factor": round(statistics.median(x for x, _ in sols), 3),
+                      "source": f"measured: {note} ({', '.join(sorted({r['_file'] for _, r in sols}))}; "
+                                f"{len(sols)} row{'s' if len(sols) > 1 else ''}: "
+                                + ", ".join(f"{x:.2f}" for x, _ in sols) + ")"}
+
+    def fam_of(r, comp):
+        return plan.family(getattr(recipe_of(r), comp))
+
+    moved_rows = [r for r in bench + runs if recipe_of(r).offload in ("model", "group-block", "group-leaf")]
+    stage_keys = ("encode_s", "denoise_s", "decode_s")
+    for fam in FAMILIES:
+        # sync moves (accelerate model offload; group-block's unstreamed T5): whole stages, warm where possible
+        t = [(r, stage_keys, measured_of(r, stage_keys)) for r in moved_rows if recipe_of(r).offload == "model"
+             and fam in (fam_of(r, "text_encoder_2"), fam_of(r, "transformer"))]
+        t += [(r, "encode_s", measured_of(r, "encode_s")) for r in moved_rows if recipe_of(r).offload == "group-block"
+              and fam_of(r, "text_encoder_2") == fam]
+        if t:
+            fit_family("sync", fam, t, "offload=model stages / group-block encode (unstreamed T5)")
+    for fam in FAMILIES:
+        t = []
+        for r in moved_rows:
+            if recipe_of(r).offload in ("group-block", "group-leaf") and fam_of(r, "transformer") == fam:
+                key, meas = step_target(r)
+                t.append((r, key, meas))
+        if t:
+            v = recipe_of(t[0][0]).transformer
+            note = "group offload step" + ("" if backends[v]["source"] != "assumed" else
+                                           f" (given the assumed compute of {v}: {backends[v].get('basis', 'assumed')})")
+            fit_family("stream", fam, t, note)
+    for mech in ("sync", "stream", "sequential"):
+        for fam in FAMILIES:
+            offload["moved_bytes_factor"][mech].setdefault(fam, {"factor": 1.0, "source": "assumed"})
+
+    # quantize-on-load rate per family, from staged rows that build quantized components from random weights
+    for fam in FAMILIES:
+        t = [(r, stage_keys, measured_of(r, stage_keys)) for r in bench + runs if recipe_of(r).offload == "staged"
+             and fam in (fam_of(r, "text_encoder_2"), fam_of(r, "transformer"))]
+        sols = []
+        for r, key, meas in t:
+            def f(x):
+                offload["quantize_gbps"][fam] = {"gbps": x, "source": "fitting"}
+                return predicted(r, key)
+            sols.append((solve(f, meas, 0.01, 1000.0), r))
+        if sols:
+            offload["quantize_gbps"][fam] = {
+                "gbps": round(statistics.median(x for x, _ in sols), 3),
+                "source": f"measured: offload=staged stages ({', '.join(sorted({r['_file'] for _, r in sols}))})"}
+    q0 = next((q["gbps"] for q in offload["quantize_gbps"].values()), 1.0)
+    for fam in FAMILIES:
+        offload["quantize_gbps"].setdefault(fam, {"gbps": q0, "source": "assumed"})
+
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {OUT.relative_to(ROOT)} from {len(rows)} rows ({len(runs)} run records)")
+    print(f"wrote {OUT.relative_to(ROOT)} from {len(rows)} rows ({len(runs)} run records, {len(bench)} bench rows "
+          f"ok, {len(skipped)} bench rows skipped: "
+          + ", ".join(f"{r.get('scenario')} ({r.get('exit_reason')})" for r in skipped) + ")")
 
 
 if __name__ == "__main__":

@@ -234,10 +234,63 @@ def test_check_passes_on_the_h200_foundation_runs(capsys):
 
 def test_check_fails_on_a_doctored_row(tmp_path, capsys):
     rows = [json.loads(line) for line in FOUNDATION.read_text().splitlines()]
-    rows[1]["memory"]["peak_allocated_gb"] *= 1.5  # offload=model claimed to peak at 36 GB
+    # offload=model claimed to peak at 36 GB while generating (the check reads the generation peak)
+    rows[1]["memory"]["generate_peak_allocated_gb"] *= 1.5
     rows.append({"scenario": "broken", "error": "CUDA error: an illegal memory access", "exit_code": 1})
     f = tmp_path / "doctored.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["plan", "--check", str(f)]) == 1
     out = capsys.readouterr().out
     assert "OUT OF BOUNDS" in out and "broken" in out and "skipped" in out
+
+
+def _bench_row(recipe: Recipe, steps: int, *, warm: bool = True, role: str = "scenario", scale: float = 1.0) -> dict:
+    """A synthetic vramfit.bench/1 row measured as the planner predicts it (times x ``scale``)."""
+    pred = plan.predict("flux-dev", recipe, plan.Shape(1024, 1024, steps), plan.gpu_profile("h200"), "random")
+    cold_total = pred["warm_s"] + pred["cold_s"]
+    return {
+        "schema": "vramfit.bench/1", "scenario": f"synthetic-{recipe.transformer}-{steps}", "role": role,
+        "status": "ok", "exit_reason": None, "error": None, "model": "flux-dev",
+        "weights": {"kind": "random", "seed": 0}, "recipe": str(recipe),
+        "request": {"prompt": "p", "height": 1024, "width": 1024, "guidance": None, "steps": steps, "seeds": [0]},
+        "steps": steps, "steps_default": 28, "steps_reduced": steps < 28,
+        "device": {"type": "cuda", "name": "NVIDIA H200"},
+        "memory": {"gpu": True, "after_load_gb": 1.0, "peak_gb": pred["peak_vram_gb"],
+                   "peak_incl_load_gb": pred["peak_vram_gb"] * 3},  # the load peak is not what is checked
+        "cold": {"total_s": cold_total * scale,  # a cold run's mean step carries the first step's extra
+                 "s_per_step": (pred["denoise_s"] + plan.calibration()["pipeline"]["first_step_extra_s"]) / steps},
+        "warm": {"n": 1 if warm else 0, "total_s_median": pred["warm_s"] * scale if warm else None,
+                 "s_per_step_median": pred["denoise_s"] / steps * scale if warm else None},
+    }
+
+
+def test_check_reads_bench_rows(tmp_path, capsys):
+    """plan --check parses vramfit.bench/1 rows: generation peak, warm mean step and total; error rows are
+    skipped with their exit reason; a cold-only reference row is checked from its cold run."""
+    good = _bench_row(Recipe(transformer="bnb-nf4", text_encoder_2="bnb-nf4"), 28)
+    ref = _bench_row(Recipe(), 28, warm=False, role="reference")
+    oom = {**_bench_row(Recipe(transformer="bf16"), 28), "status": "error", "exit_reason": "oom",
+           "error": "CUDA out of memory", "memory": None, "warm": None, "cold": None}
+    f = tmp_path / "bench.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in (good, ref, oom)))
+    assert main(["plan", "--check", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "no comparable rows" not in out and "an error row" not in out
+    assert "2/2 rows within bounds" in out and "synthetic-bnb-nf4-28" in out and "warm mean" in out
+    assert "cold mean" in out and "skipped, status error (oom)" in out
+
+    slow = _bench_row(Recipe(transformer="bnb-nf4", text_encoder_2="bnb-nf4"), 28, scale=1.5)
+    f.write_text(json.dumps(slow) + "\n")
+    assert main(["plan", "--check", str(f)]) == 1
+    assert "OUT OF BOUNDS (s/step, total)" in capsys.readouterr().out
+
+
+def test_check_several_files_and_reduced_steps(tmp_path, capsys):
+    """Several files at once; an 8-step row's total is shown but not held to the tolerance."""
+    row = _bench_row(Recipe(), 8)
+    row["warm"]["total_s_median"] *= 2  # fixed costs of a short run: not checked
+    f = tmp_path / "short.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    assert main(["plan", "--check", str(f), str(FOUNDATION)]) == 0
+    out = capsys.readouterr().out
+    assert "8/8 rows within bounds" in out and "~" in out and "largest unchecked (~) total error: -50.0%" in out

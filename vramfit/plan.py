@@ -12,9 +12,11 @@ Three models, all explained by the architecture and by committed measurements:
   what stays in host memory (pinned copies of streamed groups, rounded up to powers of two by PyTorch's
   pinned-memory allocator).
 * **latency** -- transformer step = (linear FLOPs / dense rate of the compute dtype x backend factor + attention
-  FLOPs / bf16 rate) / efficiency + per-step overhead; transfers = bytes moved / link rate (pinned for streams,
-  pageable for accelerate), overlapped with compute for streamed group offload, added otherwise; compile is a
-  cold-start cost. Every constant lives in ``calibration/calibration.json`` (written by
+  FLOPs / bf16 rate) / efficiency + per-step overhead; transfers = bytes moved x the backend family's
+  moved-bytes factor / link rate (pinned for streams, pageable for accelerate); streamed group offload overlaps
+  copy and compute except a calibrated fraction of the shorter one (diffusers synchronizes the host at every
+  group), accelerate moves add; staged loads build (generate or read) bf16 weights and quantize them on load;
+  compile and the first run's lazy initialisation are cold-start costs. Every constant lives in ``calibration/calibration.json`` (written by
   ``benchmarks/derive_calibration.py`` from measured JSONL) with its source; unmeasured ones say "assumed".
 
 ``vramfit plan MODEL --vram 8GB`` lists every candidate with its prediction and marks the chosen one;
@@ -39,7 +41,16 @@ JSON (``vramfit plan ... --json``), schema ``vramfit.plan/1``::
      "calibration": {source files and reference GPU}}
 
 Exit codes of ``plan``: 0 a candidate fits, 1 none fits (the message names the smallest budget that works),
-2 bad input. ``plan --check``: 0 every row within +-10 % peak VRAM and +-25 % latency, 1 otherwise.
+2 bad input. ``plan --check FILE...``: 0 every row within +-10 % peak VRAM and +-25 % latency, 1 otherwise.
+
+``plan --check`` reads run records (``vramfit.run/1``) and bench rows (``vramfit.bench/1``) alike (see
+``measured_row``). Peak VRAM is always the peak *while generating* (what the planner predicts; a bench row's
+``memory.peak_gb``, a run record's ``generate_peak_allocated_gb``), never the load peak. A bench row's s/step is
+its warm runs' denoise stage / steps (first step and in-denoise moves included) and is compared with the predicted
+denoise stage / steps; a run record's is the median step, compared with ``step_s``. Bench rows with a status
+other than ok are skipped with their exit reason; ``role: reference`` rows are bf16 rows (each one checked, from
+its cold run when it has no warm run). Totals of rows with fewer steps than the model's default are shown, not
+checked: fixed costs (cold start, encode, decode) dominate them.
 """
 
 from __future__ import annotations
@@ -240,7 +251,16 @@ def _meta_module(model: str, component: str, dtype):
 
     m = models.empty_component(models.get_model(model), component, dtype)
     if component in quant.DIFFUSERS_COMPONENTS:
-        m.to(dtype)  # diffusers' from_config builds fp32; loading casts to the recipe's dtype
+        from diffusers.utils import logging as dlogging
+
+        # diffusers' from_config builds fp32; loading casts to the recipe's dtype. Casting a meta module with
+        # .to() makes diffusers warn about keep-in-fp32 modules; FLUX has none, so the warning is noise here.
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()
+        try:
+            m.to(dtype)
+        finally:
+            dlogging.set_verbosity(level)
     return m
 
 
@@ -428,6 +448,31 @@ def resident_gb(model: str, recipe, comp: str, act: float) -> float:
     raise ValueError(o)
 
 
+def family(value: str) -> str:
+    """'plain' for bf16/fp16/fp32, else the quantization backend's family (bnb, torchao, quanto, layerwise, gguf)."""
+    if value in PRECISION_BYTES:
+        return "plain"
+    from . import quant
+
+    return quant.get_spec(value).family
+
+
+def moved_bytes_factor(value: str, mechanism: str, assumed: list | None = None) -> float:
+    """How much a move of weights stored as ``value`` costs per stored byte, relative to plain bf16 weights, under
+    ``mechanism``: 'sync' (accelerate model offload, group-block's unstreamed group), 'stream' (group offload on
+    CUDA streams) or 'sequential'. Measured per backend family where a bench row moves that family; else 1
+    (assumed: stored bytes move like bf16 bytes) and noted in ``assumed``."""
+    fam = family(value)
+    if fam == "plain":
+        return 1.0
+    e = calibration()["offload"]["moved_bytes_factor"].get(mechanism, {}).get(fam)
+    if e is None or e.get("source", "assumed") == "assumed":
+        if assumed is not None:
+            assumed.append(f"{fam} weights under {mechanism} moves cost their stored bytes")
+        return e["factor"] if e else 1.0
+    return e["factor"]
+
+
 def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hub") -> dict:
     """Peak VRAM, peak host RAM and latency of one recipe; raises RecipeError where the GPU cannot run it."""
     c = calibration()
@@ -469,8 +514,12 @@ def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hu
                           "Alternative: torchao-fp8wo or fp8-layerwise (fp8 storage, bf16 compute)")
     compiled = recipe.compile != "off"
     factor = be["factor"]["compiled" if compiled and "compiled" in be["factor"] else "eager"]
-    if be.get("source", "assumed") == "assumed" or (compiled and "compiled" not in be["factor"]):
+    # the regional compile speed-up was measured on bf16 itself: bf16 + regional needs no compiled factor
+    measured_compile = recipe.transformer == "bf16" and recipe.compile == "regional"
+    if be.get("source", "assumed") == "assumed" or (compiled and "compiled" not in be["factor"] and not measured_compile):
         assumed.append(f"{recipe.transformer} speed factor" + (" (compiled)" if compiled else ""))
+    elif compiled and be.get("compiled_mode", recipe.compile) != recipe.compile:
+        assumed.append(f"{recipe.transformer} compiled speed factor (measured with compile={be['compiled_mode']})")
     if recipe.attention != "native":
         assumed.append(f"attention={recipe.attention} costs what native SDPA costs")
     lin, attn = transformer_flops(model, shape)
@@ -484,6 +533,10 @@ def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hu
     compute += tr["overhead_s"]
     speed = ref["tflops"]["bf16"] / gpu["tflops"]["bf16"]  # other stages: measured time x bf16 rate ratio
     t5_s = c["text_encoder_2"]["s_per_token"] * shape.text_tokens * shape.batch * speed
+    be5 = c["backends"].get(recipe.text_encoder_2)
+    if be5 and recipe.text_encoder_2 not in PRECISION_BYTES and gpu["tflops"].get(be5["compute"]):
+        # T5 is nearly all Linear: its time scales like the transformer's linear part under the same backend
+        t5_s *= be5["factor"]["eager"] * gpu["tflops"]["bf16"] / gpu["tflops"][be5["compute"]]
     clip_s = c["text_encoder"]["s"] * shape.batch * speed
     vae = c["vae"]
     tile = _config(model, "vae").get("sample_size", vae["tile_px"])
@@ -497,29 +550,40 @@ def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hu
     sync = pageable * off["sync_fraction_of_pageable"]  # accelerate / unstreamed .to(): many small copies
     wb = off["writeback_gbps"]  # offloading back into fresh host pages (page-fault bound)
     seq = pageable * off["sequential_fraction_of_pageable"]
-    enc_w = w["text_encoder"] + w["text_encoder_2"]
+
+    def moved_gb(comp: str, mechanism: str) -> float:
+        """GB a move of ``comp`` costs, in bf16-equivalent bytes of the mechanism's calibration: stored bytes x
+        the backend family's moved-bytes factor (measured per family and mechanism; 1 for plain dtypes)."""
+        return w[comp] * moved_bytes_factor(getattr(recipe, comp), mechanism, assumed)
+
     step = compute
     encode = c["pipeline"]["encode_overhead_s"] + t5_s + clip_s
     decode = c["pipeline"]["decode_overhead_s_per_mpix"] * shape.mpix * shape.batch + vae_s
     denoise_extra = 0.0
     if o == "model":
-        encode += enc_w / sync
+        enc_m = moved_gb("text_encoder", "sync") + moved_gb("text_encoder_2", "sync")
+        tr_m = moved_gb("transformer", "sync")
+        encode += enc_m / sync
         # first step: offload the encoders, onload the transformer; diffusers frees the hooks at the end
-        denoise_extra = enc_w / wb + w["transformer"] / sync + w["transformer"] / wb
-        decode += w["vae"] / sync
+        denoise_extra = enc_m / wb + tr_m / sync + tr_m / wb
+        decode += moved_gb("vae", "sync") / sync
     elif o == "sequential":
-        encode += enc_w / seq
-        step += w["transformer"] / seq
-        decode += w["vae"] / seq
+        encode += (moved_gb("text_encoder", "sequential") + moved_gb("text_encoder_2", "sequential")) / seq
+        step += moved_gb("transformer", "sequential") / seq
+        decode += moved_gb("vae", "sequential") / seq
     elif o in ("group-block", "group-leaf"):
-        frac = off["stream_fraction_of_pinned"][o]
-        stream = pinned * frac
+        stream = pinned * off["stream_fraction_of_pinned"][o]
+        unhidden = off["stream_unhidden"][o]
 
         def moved(comp: str, run_s: float) -> float:
             L = lay[comp]
             if o == "group-block" and not L.blocks:  # one unstreamed group: onload + write back, every call
-                return run_s + L.total / GB / sync + L.total / GB / wb
-            return max(run_s, L.total / GB / stream)
+                gb = moved_gb(comp, "sync")
+                return run_s + gb / sync + gb / wb
+            # streamed: the copy of the next group overlaps this group's compute, but diffusers synchronizes
+            # the host with both streams at every group, so part of the shorter of the two is not hidden
+            x = moved_gb(comp, "stream") / stream
+            return max(run_s, x) + unhidden * min(run_s, x)
 
         encode += moved("text_encoder", clip_s) + moved("text_encoder_2", t5_s) - t5_s - clip_s
         step = moved("transformer", compute)
@@ -528,17 +592,38 @@ def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hu
         load = off["random_gen_gbps"] if weights_kind == "random" else off["disk_gbps"]
         if weights_kind != "random":
             assumed.append("checkpoint read rate (disk)")
-        encode += enc_w / load
-        denoise_extra = w["transformer"] / load
-        decode += w["vae"] / load
+
+        def build(comp: str) -> float:
+            """Make the component's weights on the GPU: generate (random) or read (checkpoint) them, then
+            quantize on load. Quantizing backends start from bf16 weights; a GGUF checkpoint is read as is."""
+            v = getattr(recipe, comp)
+            fam = family(v)
+            if fam == "plain" or (fam == "gguf" and weights_kind != "random"):
+                return w[comp] / load
+            src = layout(model, comp, "bf16").total / GB
+            q = off["quantize_gbps"].get(fam) or {"gbps": off["quantize_gbps"]["bnb"]["gbps"], "source": "assumed"}
+            if q.get("source", "assumed") == "assumed":
+                assumed.append(f"{fam} quantize-on-load rate")
+            return src / load + src / q["gbps"]
+
+        encode += build("text_encoder") + build("text_encoder_2")
+        denoise_extra = build("transformer")
+        decode += build("vae")
     denoise = shape.steps * step + denoise_extra
     warm = encode + denoise + decode
-    cold = c["pipeline"]["first_step_extra_s"]
+    # the first run of a process pays lazy CUDA/cuBLAS initialisation in encode, first step and decode
+    pl = c["pipeline"]
+    cold = pl["first_step_extra_s"] + pl.get("encode_cold_extra_s", 0.0) + pl.get("decode_cold_extra_s", 0.0)
     if compiled:
         cm = c["compile"][recipe.compile]
-        cold = cm["cold_s"]  # measured as first step minus median step: includes the first-step extra
+        # measured as first step minus median step: includes the first-step extra
+        cold += cm["cold_s"] - pl["first_step_extra_s"]
         if "cold_s" in cm.get("assumed", []):
             assumed.append(f"compile={recipe.compile} cold start")
+        bound = cm.get("cold_s_min_by_family", {}).get(backend_family(recipe.transformer))
+        if bound and bound["s"] > cold:  # a measured timeout says compiling this family takes longer
+            cold = bound["s"]
+            assumed.append(f"compile={recipe.compile} cold start >= {bound['s']:.0f} s (lower bound from a timeout)")
     err = expected_error(recipe)
     if err["assumed"]:
         assumed.append("expected error of " + ", ".join(err["assumed"]))
@@ -634,6 +719,13 @@ def refusal(recipe, device_type: str = "cuda") -> str | None:
     except RecipeError as e:
         return str(e)
     return None
+
+
+def backend_family(value: str) -> str:
+    """bf16 | fp16 | fp32 | the quantization family of a recipe value (bnb, torchao, quanto, layerwise, gguf)."""
+    from . import quant
+
+    return quant.BACKENDS[value].family if value in quant.BACKENDS else value
 
 
 def make_plan(model: str, shape: Shape, gpu: dict, vram_gb: float, ram_gb: float | None = None,
@@ -767,60 +859,152 @@ def _row_record(row: dict) -> dict:
     return row.get("record", row)
 
 
-def check_rows(path: str, file=None) -> int:
-    file = file or sys.stdout
+BENCH_SCHEMA = "vramfit.bench/1"
+RUN_SCHEMA = "vramfit.run/1"
+TOLERANCE = {"peak": 0.10, "s/step": 0.25, "total": 0.25}
+
+
+class _Skip(Exception):
+    pass
+
+
+def measured_row(row: dict) -> dict:
+    """What a measured row says, in one shape for both schemas. Raises _Skip(reason) for rows that measured
+    nothing comparable.
+
+    * run records (``vramfit.run/1``, from ``generate`` / foundation.py): peak = the generation peak
+      (``memory.generate_peak_allocated_gb``, else ``peak_allocated_gb``); s/step = the median step
+      (``timings.s_per_step_median``); total = ``timings.total_s``; the run is cold when ``run_index`` is 1.
+    * bench rows (``vramfit.bench/1``): peak = ``memory.peak_gb`` (max over runs of the generation peak; the load
+      peak ``peak_incl_load_gb`` is not what the planner predicts); s/step = ``warm.s_per_step_median``, which is
+      the median over warm runs of *denoise_s / steps* -- a mean step that includes the first step and any moves
+      inside the denoise stage (model offload, staged loads) -- and total = ``warm.total_s_median``; rows with no
+      warm run (the bf16 references) give the cold run's ``cold.s_per_step`` / ``cold.total_s``.
+      ``role: reference`` rows are bf16 rows like any other (every one is checked: they repeat per shard, and
+      their spread is the noise of the measurement). Rows with ``status`` other than ok are skipped.
+    """
+    if row.get("schema") == BENCH_SCHEMA:
+        if row.get("status") != "ok":
+            raise _Skip(f"status {row.get('status')} ({row.get('exit_reason')}): {str(row.get('error'))[:80]}")
+        m, warm, cold = row.get("memory") or {}, row.get("warm") or {}, row.get("cold") or {}
+        if m.get("peak_gb") is None:
+            raise _Skip("no GPU memory measured")
+        has_warm = bool(warm.get("n")) and warm.get("total_s_median") is not None
+        rq = row.get("request", {})
+        return {"label": row.get("scenario") or _short(row["recipe"]), "model": row["model"],
+                "recipe": row["recipe"], "device": row.get("device", {}),
+                "weights": row.get("weights", {}).get("kind", "hub"), "height": rq["height"], "width": rq["width"], "steps": row.get("steps", rq.get("steps")),
+                "text_tokens": rq.get("max_sequence_length"), "peak": m["peak_gb"],
+                "step": warm["s_per_step_median"] if has_warm else cold.get("s_per_step"),
+                "total": warm["total_s_median"] if has_warm else cold.get("total_s"),
+                "cold": not has_warm, "step_kind": "mean"}
+    if row.get("error") or row.get("exit_code", 0) or "memory" not in row or "timings" not in row:
+        raise _Skip(f"an error row ({str(row.get('error', 'no measurements'))[:80]})")
+    t, m, rq = row["timings"], row["memory"], row["request"]
+    median = t.get("s_per_step_median")
+    return {"label": row.get("scenario") or _short(row["recipe"]), "model": row["model"], "recipe": row["recipe"],
+            "device": row.get("device", {}), "weights": row.get("weights", {}).get("kind", "hub"),
+            "height": rq["height"], "width": rq["width"], "steps": rq["steps"],
+            "text_tokens": rq.get("max_sequence_length"),
+            "peak": m.get("generate_peak_allocated_gb", m.get("peak_allocated_gb")),
+            "step": median or t["s_per_step"], "total": t["total_s"], "cold": row.get("run_index", 1) == 1,
+            "step_kind": "median" if median else "mean"}
+
+
+def predicted_for(meas: dict, pred: dict, steps: int) -> dict:
+    """The prediction of what the row measured: a median step is ``step_s``; a mean step is the denoise stage
+    over the steps (+ the cold start, for a cold run); the total is the per-image time (+ the cold start)."""
+    cold = pred["cold_s"] if meas["cold"] else 0.0
+    pl = calibration()["pipeline"]
+    # of the cold start, the encode and decode parts fall outside the denoise stage
+    cold_denoise = max(cold - pl.get("encode_cold_extra_s", 0.0) - pl.get("decode_cold_extra_s", 0.0), 0.0) if cold else 0.0
+    step = pred["step_s"] if meas["step_kind"] == "median" else (pred["denoise_s"] + cold_denoise) / steps
+    return {"peak": pred["peak_vram_gb"], "s/step": step, "total": pred["warm_s"] + cold}
+
+
+def compare_row(row: dict) -> dict:
+    """One measured row against its prediction: {label, pairs: {what: (predicted, measured, tolerance)}, errs,
+    ok, steps, basis}. Raises _Skip for rows without a comparable measurement."""
+    from . import models
     from .recipe import Recipe
 
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"--check {path!r}: no such file")
+    meas = measured_row(row)
+    dev = meas["device"] or {}
+    g = find_gpu(dev.get("name", "")) if dev.get("type") == "cuda" else None
+    if g is None:
+        raise _Skip(f"no GPU profile for device {dev.get('name', dev.get('type'))!r}")
+    try:
+        tokens = meas["text_tokens"] or models.get_model(meas["model"]).max_sequence_length
+        shape = Shape(meas["height"], meas["width"], meas["steps"], 1, tokens)
+        pred = predict(meas["model"], Recipe.parse(meas["recipe"]), shape, _realize(g), meas["weights"])
+    except (RecipeError, InputError) as e:
+        raise _Skip(f"cannot predict ({e})")
+    p = predicted_for(meas, pred, shape.steps)
+    pairs = {"peak": (p["peak"], meas["peak"], TOLERANCE["peak"]),
+             "s/step": (p["s/step"], meas["step"], TOLERANCE["s/step"]),
+             "total": (p["total"], meas["total"], TOLERANCE["total"])}
+    errs = {k: (a - b) / b for k, (a, b, _) in pairs.items()}
+    # a run of fewer steps than the model's default is mostly fixed costs (cold start, encode, decode): its total
+    # says little about the model and is shown, not held to the tolerance; its s/step still is
+    checked = ["peak", "s/step"] + (["total"] if shape.steps >= models.get_model(meas["model"]).default_steps else [])
+    ok = all(abs(errs[k]) <= pairs[k][2] for k in checked)
+    basis = ("cold" if meas["cold"] else "warm") + (" median" if meas["step_kind"] == "median" else " mean")
+    return {"label": meas["label"], "pairs": pairs, "errs": errs, "ok": ok, "steps": shape.steps, "basis": basis,
+            "checked": checked}
+
+
+def check_rows(path: str | list, file=None) -> int:
+    """Predictions vs measured rows of one or more JSONL files (run records and bench rows, mixed freely)."""
+    file = file or sys.stdout
+    paths = [path] if isinstance(path, str) else list(path)
     results, notes = [], []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = _row_record(json.loads(line))
-        except json.JSONDecodeError as e:
-            notes.append(f"line {n}: not JSON ({e})")
-            continue
-        label = row.get("scenario") or row.get("recipe", f"line {n}")
-        if row.get("error") or row.get("exit_code", 0) or "memory" not in row or "timings" not in row:
-            notes.append(f"line {n} ({label}): skipped, an error row ({str(row.get('error', 'no measurements'))[:80]})")
-            continue
-        dev = row.get("device", {})
-        g = find_gpu(dev.get("name", "")) if dev.get("type") == "cuda" else None
-        if g is None:
-            notes.append(f"line {n} ({label}): skipped, no GPU profile for device {dev.get('name', dev.get('type'))!r}")
-            continue
-        rq = row["request"]
-        shape = Shape(rq["height"], rq["width"], rq["steps"], rq.get("batch", 1), rq.get("max_sequence_length", 512))
-        try:
-            pred = predict(row["model"], Recipe.parse(row["recipe"]), shape, _realize(g),
-                           row.get("weights", {}).get("kind", "hub"))
-        except (RecipeError, InputError) as e:
-            notes.append(f"line {n} ({label}): skipped, cannot predict ({e})")
-            continue
-        t, m = row["timings"], row["memory"]
-        total = pred["warm_s"] + (pred["cold_s"] if row.get("run_index", 1) == 1 else 0)
-        pairs = {"peak": (pred["peak_vram_gb"], m["peak_allocated_gb"], 0.10),
-                 "s/step": (pred["step_s"], t.get("s_per_step_median") or t["s_per_step"], 0.25),
-                 "total": (total, t["total_s"], 0.25)}
-        errs = {k: (a - b) / b for k, (a, b, _) in pairs.items()}
-        ok = all(abs(errs[k]) <= tol for k, (_, _, tol) in pairs.items())
-        results.append({"label": label, "pairs": pairs, "errs": errs, "ok": ok})
-    print(f"{'row':<24}{'peak VRAM GB pred/meas':>26}{'err':>8}{'s/step pred/meas':>22}{'err':>8}"
-          f"{'total s pred/meas':>22}{'err':>8}  ok (+-10% VRAM, +-25% latency)", file=file)
+    for one in paths:
+        p = Path(one)
+        if not p.is_file():
+            raise InputError(f"--check {one!r}: no such file")
+        where = f"{p.name}:" if len(paths) > 1 else "line "
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = _row_record(json.loads(line))
+            except json.JSONDecodeError as e:
+                notes.append(f"{where}{n}: not JSON ({e})")
+                continue
+            label = row.get("scenario") or row.get("recipe", f"line {n}")
+            try:
+                results.append(compare_row(row))
+            except _Skip as e:
+                notes.append(f"{where}{n} ({label}): skipped, {e}")
+            except (KeyError, TypeError) as e:
+                notes.append(f"{where}{n} ({label}): skipped, not a measured row (missing {e})")
+    print(f"{'row':<36}{'steps':>5} {'basis':<12}{'peak VRAM GB pred/meas':>23}{'err':>8}{'s/step pred/meas':>19}"
+          f"{'err':>8}{'total s pred/meas':>20}{'err':>8}  ok (+-10% VRAM, +-25% latency)", file=file)
     for r in results:
-        cells = "".join(f"{r['pairs'][k][0]:>12.3f}/{r['pairs'][k][1]:<9.3f}{r['errs'][k]:>+8.1%}"
-                        for k in ("peak", "s/step", "total"))
-        print(f"{r['label'][:24]:<24}{cells}  {'ok' if r['ok'] else 'OUT OF BOUNDS'}", file=file)
+        cells = "".join(f"{r['pairs'][k][0]:>10.3f}/{r['pairs'][k][1]:<8.3f}{r['errs'][k]:>+8.1%}"
+                        + ("" if k in r["checked"] else "~") for k in ("peak", "s/step", "total"))
+        bad = [k for k in r["checked"] if abs(r["errs"][k]) > TOLERANCE[k]]
+        print(f"{r['label'][:36]:<36}{r['steps']:>5} {r['basis']:<12}{cells}  "
+              f"{'ok' if r['ok'] else 'OUT OF BOUNDS (' + ', '.join(bad) + ')'}", file=file)
     for note in notes:
         print("note: " + note, file=file)
     if not results:
         print("no comparable rows", file=file)
         return 1
-    worst = {k: max(results, key=lambda r: abs(r["errs"][k])) for k in ("peak", "s/step", "total")}
-    print("worst: " + "; ".join(f"{k} {w['errs'][k]:+.1%} ({w['label']})" for k, w in worst.items()), file=file)
+    print("basis: warm = a warm run (bench: median of the warm runs), cold = the process's first run (cold start "
+          "included); median = median step, mean = denoise stage / steps (bench rows: includes the first step "
+          "and moves inside denoise)", file=file)
+    if any("total" not in r["checked"] for r in results):
+        print("~ = shown, not checked: rows with fewer steps than the model's default are mostly fixed costs (cold "
+              "start, encode, decode), so their total is not held to +-25 %; their peak and s/step are", file=file)
+    unchecked = [r for r in results if "total" not in r["checked"]]
+    if unchecked:
+        w = max(unchecked, key=lambda r: abs(r["errs"]["total"]))
+        print(f"largest unchecked (~) total error: {w['errs']['total']:+.1%} ({w['label']}, {w['steps']} steps, "
+              f"{w['basis']})", file=file)
+    worst = {k: max((r for r in results if k in r["checked"]), key=lambda r: abs(r["errs"][k]), default=None)
+             for k in ("peak", "s/step", "total")}
+    print("worst: " + "; ".join(f"{k} {w['errs'][k]:+.1%} ({w['label']})" for k, w in worst.items() if w), file=file)
     bad = [r["label"] for r in results if not r["ok"]]
     print(f"{len(results) - len(bad)}/{len(results)} rows within bounds" + (f"; out: {', '.join(bad)}" if bad else ""),
           file=file)
@@ -926,8 +1110,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-error", type=float, default=None, help="largest expected relative output error")
     p.add_argument("--weights", default="hub", choices=("hub", "random"), help="where staged loads read from")
     p.add_argument("--top", type=int, default=None, help="print the first N candidates only (0: all)")
-    p.add_argument("--check", default=None, metavar="RESULTS.jsonl",
-                   help="compare predictions with measured rows (bench results or run records)")
+    p.add_argument("--check", default=None, nargs="+", metavar="RESULTS.jsonl",
+                   help="compare predictions with measured rows of one or more files (bench rows, schema "
+                        "vramfit.bench/1, and run records, vramfit.run/1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 

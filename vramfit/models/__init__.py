@@ -58,7 +58,7 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
     "flux-tiny": ModelSpec(
         "flux-tiny", None, "FLUX architecture family, a few MB, random weights (CPU tests, demo)",
-        always_random=True, default_steps=4, default_size=128, max_sequence_length=32,
+        always_random=True, default_steps=4, default_size=128, max_sequence_length=64,
     ),
 }
 
