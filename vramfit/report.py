@@ -548,9 +548,11 @@ def make_report(paths: list[Path], out: Path) -> dict:
     title = f"vramfit bench: {models} on {devices}"
     written, pngs = [], {}
     ok = [r for r in rows if r["status"] == "ok"]
-    if plot_memory_latency(ok, out / "memory_latency.png", title):
+    # dedicated bf16 reference runs (cold only) repeat the bf16 row: the table keeps them, the charts do not
+    charted = [r for r in rows if not r["scenario"].startswith("reference:")] or rows
+    if plot_memory_latency([r for r in charted if r["status"] == "ok"], out / "memory_latency.png", title):
         pngs["Memory vs latency (Pareto front in red)"] = out / "memory_latency.png"
-    if plot_bars(rows, out / "bars.png", title):
+    if plot_bars(charted, out / "bars.png", title):
         pngs["Memory after load, peak memory and latency per recipe"] = out / "bars.png"
     groups = image_groups(rows)
     for k, (gtitle, items) in enumerate(groups):
