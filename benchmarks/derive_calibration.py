@@ -235,19 +235,44 @@ def main(paths):
                  "source": f"cold start: {SEED_SOURCE}, torchao-fp8dq; speed-up assumed as regional"},
     }
     compile_cal["full"]["step_factor"] = compile_cal["regional"]["step_factor"]
+    # cold start per backend family and mode, measured: the cold run's compile time (first step minus median step)
+    # of every ok compiled bench row; quantized blocks compile far slower than bf16 ones (torchao: minutes)
+    cold_rows: dict = {}
+    for r in bench:
+        rc = recipe_of(r)
+        cs = (r.get("cold") or {}).get("compile_s")
+        if rc.compile == "off" or cs is None:
+            continue
+        cold_rows.setdefault((rc.compile, plan.backend_family(rc.transformer)), []).append((cs, r["_file"], r["scenario"]))
+    for (mode, fam), vals in sorted(cold_rows.items()):
+        compile_cal[mode].setdefault("cold_s_by_family", {})[fam] = {
+            "s": round(statistics.median(v for v, _, _ in vals), 1),
+            "source": f"measured: {', '.join(f'{n} {v:.0f} s' for v, _, n in vals)} "
+                      f"({', '.join(sorted({fl for _, fl, _ in vals}))})"}
+    full_rows = [v for (mode, _), vals in cold_rows.items() if mode == "full" for v in vals]
+    if full_rows:
+        compile_cal["full"].update(cold_s=round(statistics.median(v for v, _, _ in full_rows), 1),
+                                   source="cold start measured: " + ", ".join(f"{n} {v:.0f} s" for v, _, n in full_rows)
+                                   + "; speed-up assumed as regional")
     # A compiled scenario killed by its timeout says its cold start was longer than the time it had left after
-    # importing, building and quantizing (~60 s on the H200): a lower bound per backend family and compile mode.
+    # importing, building and quantizing (~60 s on the H200): a lower bound per backend family and compile mode,
+    # kept only where no compiled row of that family and mode finished.
     for r in skipped:
         rec = Recipe.parse(r["recipe"])
         m_ = re.search(r"killed after (\d+(?:\.\d+)?) s", r.get("error") or "")
-        if r.get("exit_reason") != "timeout" or rec.compile == "off" or not m_:
+        ran = (float(m_.group(1)) if r.get("exit_reason") == "timeout" and m_ else
+               r.get("wall_s") if r.get("exit_reason") == "interrupted" else None)  # stopped from outside
+        if rec.compile == "off" or not ran:
             continue
         fam = plan.backend_family(rec.transformer)
-        bound = round(float(m_.group(1)) - TIMEOUT_SETUP_S, 1)
+        if (rec.compile, fam) in cold_rows:
+            continue
+        bound = round(float(ran) - TIMEOUT_SETUP_S, 1)
         mins = compile_cal[rec.compile].setdefault("cold_s_min_by_family", {})
         if bound > mins.get(fam, {}).get("s", 0):
-            mins[fam] = {"s": bound, "source": f"lower bound: {r['scenario']} timed out after {m_.group(1)} s "
-                                              f"({r.get('_file', 'bench')}) minus ~{TIMEOUT_SETUP_S:.0f} s set-up"}
+            mins[fam] = {"s": bound, "source": f"lower bound: {r['scenario']} stopped ({r['exit_reason']}) after "
+                                              f"{float(ran):.0f} s ({r.get('_file', 'bench')}) minus "
+                                              f"~{TIMEOUT_SETUP_S:.0f} s set-up"}
 
     pageable, pinned = probe["h2d_pageable_gbps"], probe["h2d_pinned_gbps"]
     m = pick("model")[0]
@@ -327,12 +352,15 @@ def main(paths):
         key = "compiled" if rc.compile != "off" else "eager"
         f = factor_from(rc.transformer, step, shape_of(r), rc.compile != "off",
                         rc.compile if rc.compile != "off" else "regional")
-        measured.setdefault((rc.transformer, key), []).append((f, r["_file"]))
-        if key == "compiled":
-            backends[rc.transformer]["compiled_mode"] = rc.compile
+        measured.setdefault((rc.transformer, key), []).append((f, r["_file"], rc.compile))
+    for (value, key), fs in list(measured.items()):
+        if key == "compiled":  # regional rows where there are any (the mode the planner picks), else full ones
+            mode = "regional" if any(m == "regional" for _, _, m in fs) else fs[0][2]
+            measured[(value, key)] = [x for x in fs if x[2] == mode]
+            backends[value]["compiled_mode"] = mode
     for (value, key), fs in sorted(measured.items()):
-        backends[value]["factor"][key] = round(statistics.median(f for f, _ in fs), 3)
-        files = sorted({fl for _, fl in fs})
+        backends[value]["factor"][key] = round(statistics.median(f for f, _, _ in fs), 3)
+        files = sorted({fl for _, fl, _ in fs})
         backends[value]["source"] = f"measured ({', '.join(files)}; {len(fs)} row{'s' if len(fs) > 1 else ''})"
         if key == "eager" and "compiled" in backends[value]["factor"] and (value, "compiled") not in measured:
             backends[value]["compiled_source"] = SEED_SOURCE  # the seed's compiled step stays

@@ -196,6 +196,7 @@ def test_sigterm_writes_interrupted_row_and_kills_child(tmp_path):
     assert [(r["scenario"], r["exit_reason"]) for r in rows] == [
         ("running", "interrupted"), ("skipped", "skipped"), ("later", "not-run")]
     assert rows[1]["error"] == "not today"
+    assert rows[0]["wall_s"] >= 0 and "last_phase" in rows[0]  # how far it got: None before its first phase
     assert json.loads(stdout.strip().splitlines()[-1])["stopped"] is True
     assert not _children_of(out)
 

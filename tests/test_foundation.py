@@ -244,3 +244,24 @@ def test_models_command(capsys):
     code, out, _ = run_cli(["models"], capsys)
     assert code == 0
     assert "11.90 B" in out and "4.76 B" in out and "33.74 GB" in out and "black-forest-labs/FLUX.1-dev" in out
+
+
+def test_runner_reports_phases_and_bench_reads_the_last(tiny, capsys):
+    """The bench prints the runner's phases, so a scenario killed by its time limit says where it was."""
+    from vramfit import bench
+
+    seen = []
+    runner = Runner(tiny, models.resolve_weights(tiny, "random"), Recipe.parse("offload=staged"), CPU, progress=False,
+                    on_event=lambda name, **info: seen.append((name, info)))
+    runner.generate(request_for(tiny, PROMPT, steps=3))
+    names = [n for n, _ in seen]
+    assert names == ["load", "loaded", "encode", "load-stage", "load-stage", "denoise", "step", "step", "step",
+                     "decode", "load-stage", "done"]
+    assert [i["stage"] for n, i in seen if n == "load-stage"] == ["encode", "denoise", "decode"]
+    assert [i["i"] for n, i in seen if n == "step"] == [1, 2, 3]
+    show = bench.phase_printer(0.0)
+    show("loaded", s=1.5)
+    show("step", i=2, of=28)
+    log = "some library warning\n" + capsys.readouterr().out + "Traceback ...\n"
+    assert bench.last_phase(log).startswith("+") and bench.last_phase(log).endswith("s step i=2 of=28")
+    assert bench.last_phase("no phases here\n") is None

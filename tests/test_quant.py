@@ -344,6 +344,26 @@ def test_dynamo_settings():
     assert dynamo_settings({"transformer": "torchao-fp8dq"}, "staged", "full") == {}
     assert set(dynamo_settings({"text_encoder_2": "bnb-int8"}, "model", "full")) == {
         "capture_dynamic_output_shape_ops", "cache_size_limit"}
+    # torchao int8 weight-only on CUDA: inductor's _weight_int8pack_mm rewrite stays off (65 s/step on the H200)
+    assert dynamo_settings({"transformer": "torchao-int8wo"}, "none", "regional", "cuda") == quant.WOQ_INT8_REWRITE_OFF
+    assert quant.WOQ_INT8_REWRITE_OFF == {"torch.backends.mkldnn.enabled": False,
+                                          "torch.compiler.config.force_disable_caches": True}
+    assert dynamo_settings({"transformer": "torchao-int8wo"}, "none", "regional", "cpu") == {}  # the CPU kernel is good
+    assert dynamo_settings({"transformer": "torchao-int8wo"}, "none", "off", "cuda") == {}
+    assert dynamo_settings({"transformer": "torchao-fp8wo"}, "none", "full", "cuda") == {}
+
+
+def test_apply_dynamo_settings_sets_full_paths_and_records(monkeypatch):
+    import torch._dynamo
+
+    from vramfit.apply import Manifest, apply_dynamo_settings
+
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)
+    m = Manifest()
+    apply_dynamo_settings({"cache_size_limit": 99, "torch.backends.mkldnn.enabled": False}, m)
+    assert torch._dynamo.config.cache_size_limit == 99 and torch.backends.mkldnn.enabled is False
+    assert m.steps[-1]["settings"] == {"cache_size_limit": 99, "torch.backends.mkldnn.enabled": False}
 
 
 def test_compat_matrix():
@@ -366,3 +386,30 @@ def test_compat_matrix():
         except RecipeError:
             raised = True
         assert raised == (not r["ok"]), r
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder_2"])
+def test_quanto_block_by_block_equals_whole_module_quantize(component):
+    """vramfit quantizes quanto one block at a time (the bf16 component never whole on the device); the result is
+    the same set of quanto modules with the same quantized weights as one optimum.quanto.quantize call."""
+    from optimum.quanto import freeze, qint8, quantize
+    from optimum.quanto.nn import QModuleMixin
+
+    a = build_random_component(SPEC, component, 0, "cpu", torch.bfloat16)
+    b = build_random_component(SPEC, component, 0, "cpu", torch.bfloat16)
+    entry = quantize_component(a, component, "quanto-int8", "cpu")
+    assert "blocks moved to the device one at a time" in entry["api"]
+    skip = quant._not_convert_keys(b)
+    quantize(b, weights=qint8, exclude=[n for n, _ in b.named_modules() if n and quant._skipped(n, skip)] or None)
+    freeze(b)
+    qa = {n: type(m).__name__ for n, m in a.named_modules() if isinstance(m, QModuleMixin)}
+    qb = {n: type(m).__name__ for n, m in b.named_modules() if isinstance(m, QModuleMixin)}
+    assert qa == qb and len(qa) > 10
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        ta, tb = sa[k], sb[k]
+        if hasattr(ta, "_data"):  # QTensor: compare the stored int8 data and scales
+            assert torch.equal(ta._data, tb._data) and torch.equal(ta._scale, tb._scale), k
+        else:
+            assert torch.equal(ta, tb), k

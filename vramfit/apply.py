@@ -91,7 +91,7 @@ def check(recipe: Recipe, device: torch.device) -> dict:
             raise RecipeError(f"attention={recipe.attention} cannot run here: {e}. Alternative: attention=native")
     for reason, alt in problems(recipe.components, recipe.offload, recipe.compile, recipe.attention, device.type):
         raise RecipeError(f"{reason}. Alternative: {alt}")
-    return _dynamo_for(recipe, quant_module() if recipe.quantized() else None)
+    return _dynamo_for(recipe, quant_module() if recipe.quantized() else None, device.type)
 
 
 def compat_matrix(device_type: str = "cuda") -> list[dict]:
@@ -113,10 +113,10 @@ def compat_matrix(device_type: str = "cuda") -> list[dict]:
     return rows
 
 
-def _dynamo_for(recipe: Recipe, q) -> dict:
+def _dynamo_for(recipe: Recipe, q, device_type: str = "cuda") -> dict:
     if recipe.compile == "off":
         return {}
-    settings = dict(q.dynamo_settings(recipe.components, recipe.offload, recipe.compile)) if q else {}
+    settings = dict(q.dynamo_settings(recipe.components, recipe.offload, recipe.compile, device_type)) if q else {}
     if recipe.offload != "none" and "cache_size_limit" not in settings:
         # offload hooks add guards on module devices; the default limit of 8 recompiles falls back to eager
         settings["cache_size_limit"] = 64
@@ -124,17 +124,21 @@ def _dynamo_for(recipe: Recipe, q) -> dict:
 
 
 def apply_dynamo_settings(settings: dict, manifest: Manifest) -> None:
+    """Plain keys are ``torch._dynamo.config`` attributes; ``torch.``-prefixed keys are full attribute paths."""
     if not settings:
         return
     import torch._dynamo
 
     for k, v in settings.items():
-        setattr(torch._dynamo.config, k, v)
-    manifest.add("dynamo-config", settings=settings, api="torch._dynamo.config.<key> = <value>")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# loading one component
+        obj, attr = torch._dynamo.config, k
+        if k.startswith("torch."):
+            *path, attr = k.split(".")[1:]
+            obj = torch
+            for part in path:
+                obj = getattr(obj, part)
+        setattr(obj, attr, v)
+    manifest.add("dynamo-config", settings=settings,
+                 api="torch._dynamo.config.<key> = <value>; torch.<path> = <value> for full paths")
 
 
 def weight_bytes(module: torch.nn.Module) -> int:

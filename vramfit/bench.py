@@ -260,8 +260,10 @@ def run_bench(files: list[str], out: Path, device: str, only=None, skip=None, ma
           f"{', ' + str(len(done)) + ' already done' if done else ''})", flush=True)
     print(table_header(), flush=True)
     rows, code = [], 0
+    started = time.time()
     try:
         for s in todo:
+            started = time.time()
             row = skipped_row(s) if s.skip else run_scenario(s, out, device, s.timeout or max_seconds)
             append_row(results, row)
             rows.append(row)
@@ -277,6 +279,10 @@ def run_bench(files: list[str], out: Path, device: str, only=None, skip=None, ma
                        "exit_reason": "interrupted" if j == 0 else "not-run",
                        "error": f"bench stopped (exit {code}) " + ("while this scenario ran" if j == 0 else
                                                                   "before this scenario started")}
+                if j == 0:  # how long it had run and where it was: a lower bound on what it needed
+                    log = out / "logs" / f"{safe_name(s.name)}.log"
+                    row.update(wall_s=round(time.time() - started, 1),
+                               last_phase=last_phase(log.read_text(errors="replace")) if log.exists() else None)
             append_row(results, row)
             rows.append(row)
             print(table_line(row), flush=True)
@@ -398,7 +404,8 @@ def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> 
         row = json.loads(row_path.read_text())
         row_path.unlink()
     else:
-        row = {**base_row(s), "status": "error", "exit_code": proc.returncode, "stderr_tail": tail}
+        row = {**base_row(s), "status": "error", "exit_code": proc.returncode, "stderr_tail": tail,
+               "last_phase": last_phase(log.read_text(errors="replace"))}
         if timed_out:
             row.update(exit_reason="timeout", error=f"killed after {timeout:.0f} s (--max-scenario-seconds/timeout)")
         else:
@@ -502,6 +509,23 @@ def run_sequence(seeds: list[int], repeats: int) -> list[int]:
     return [seeds[0]] + [seeds[(i + 1) % len(seeds)] for i in range(max(repeats, len(seeds) - 1))]
 
 
+PHASE_MARK = "[phase +"
+
+
+def phase_printer(t0: float):
+    """The child's log gets one line per phase (``[phase +12.3s] step i=3 of=28``): the last one a killed
+    scenario printed is its row's ``last_phase``."""
+    def show(name: str, **info) -> None:
+        extra = " ".join(f"{k}={v}" for k, v in info.items())
+        print(f"{PHASE_MARK}{time.perf_counter() - t0:.1f}s] {name} {extra}".rstrip(), flush=True)
+    return show
+
+
+def last_phase(log_text: str) -> str | None:
+    marks = [ln[len("[phase "):].replace("]", "", 1).strip() for ln in log_text.splitlines() if ln.startswith(PHASE_MARK)]
+    return marks[-1] if marks else None
+
+
 def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict:
     import torch
 
@@ -525,7 +549,8 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
     for c in models.COMPONENTS:
         models.component_class(c)
     import_s = round(time.perf_counter() - t0, 3)
-    runner = Runner(spec, weights, recipe, device, gguf_file=s.gguf, progress=False)  # refusals raise here
+    runner = Runner(spec, weights, recipe, device, gguf_file=s.gguf, progress=False,  # refusals raise here
+                    on_event=phase_printer(time.perf_counter()))
     runner.load()
     records, last = [], {}
     for seed in run_sequence(s.seeds, s.repeats):

@@ -616,9 +616,11 @@ def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hu
     cold = pl["first_step_extra_s"] + pl.get("encode_cold_extra_s", 0.0) + pl.get("decode_cold_extra_s", 0.0)
     if compiled:
         cm = c["compile"][recipe.compile]
-        # measured as first step minus median step: includes the first-step extra
-        cold += cm["cold_s"] - pl["first_step_extra_s"]
-        if "cold_s" in cm.get("assumed", []):
+        # measured as first step minus median step: includes the first-step extra; per backend family where
+        # measured (quantized blocks compile much slower than bf16 ones)
+        fam_cold = cm.get("cold_s_by_family", {}).get(backend_family(recipe.transformer))
+        cold += (fam_cold["s"] if fam_cold else cm["cold_s"]) - pl["first_step_extra_s"]
+        if "cold_s" in cm.get("assumed", []) and not fam_cold:
             assumed.append(f"compile={recipe.compile} cold start")
         bound = cm.get("cold_s_min_by_family", {}).get(backend_family(recipe.transformer))
         if bound and bound["s"] > cold:  # a measured timeout says compiling this family takes longer

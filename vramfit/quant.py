@@ -345,6 +345,42 @@ def _not_convert_keys(module: torch.nn.Module) -> list[str]:
     return keep
 
 
+def _repeated_units(module: torch.nn.Module) -> list[str]:
+    """Names of the elements of the outermost ModuleLists (transformer blocks, T5 layers), in order."""
+    units: list[str] = []
+    for name, m in module.named_modules():
+        if any(name.startswith(u + ".") for u in units):
+            continue
+        if isinstance(m, torch.nn.ModuleList):
+            units += [f"{name}.{i}" for i in range(len(m))]
+    return units
+
+
+def _quanto_by_unit(module, weights, skip: list[str], device, quantize, freeze) -> int:
+    """optimum-quanto's ``quantize`` + ``freeze`` one block at a time: each block moves to the device, is quantized
+    there (quanto quantizes on the weights' device) and frozen before the next, so the bf16 component never sits
+    whole on the device (moving it first cost a 30 GB load peak for flux-dev on the H200)."""
+    from optimum.quanto.nn import QModuleMixin
+
+    def names(root: torch.nn.Module, prefix: str) -> list[str]:
+        return [n for n, m in root.named_modules()
+                if n and not isinstance(m, QModuleMixin) and not _skipped(prefix + n, skip)]
+
+    units = _repeated_units(module)
+    for u in units:
+        unit = module.get_submodule(u).to(device)
+        todo = names(unit, u + ".")
+        if todo:
+            quantize(unit, weights=weights, include=todo)
+            freeze(unit)  # replaces float weights by QTensors (quantize alone only wraps the modules)
+    module.to(device)
+    rest = [n for n in names(module, "") if not any(n == u or n.startswith(u + ".") for u in units)]
+    if rest:
+        quantize(module, weights=weights, include=rest)
+    freeze(module)
+    return len(units)
+
+
 def _skipped(name: str, keys: list[str]) -> bool:
     return any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keys)
 
@@ -498,11 +534,9 @@ def quantize_component(module: torch.nn.Module, component: str, value: str, devi
         from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
 
         w = {"quanto-int8": qint8, "quanto-int4": qint4, "quanto-fp8": qfloat8}[value]
-        skip = _not_convert_keys(module)
-        module.to(device)
-        quantize(module, weights=w, exclude=[n for n, _ in module.named_modules() if n and _skipped(n, skip)] or None)
-        freeze(module)  # replaces float weights by QTensors (quantize alone only wraps the modules)
-        api = f"optimum.quanto.quantize(module, weights={w.name}); optimum.quanto.freeze(module)"
+        units = _quanto_by_unit(module, w, _not_convert_keys(module), device, quantize, freeze)
+        api = (f"optimum.quanto.quantize(unit, weights={w.name}); optimum.quanto.freeze(unit), for each of "
+               f"{units} blocks moved to the device one at a time, then the rest")
     elif spec.family == "layerwise":
         api = _layerwise(module, component, value, device, compute_dtype)
     elif spec.family == "gguf":
@@ -606,11 +640,23 @@ def check_combination(components: dict[str, str], offload: str, compile: str, de
 OFFLOAD_COMPILE_CACHE_LIMIT = 128
 
 
-def dynamo_settings(components: dict[str, str], offload: str, compile: str) -> dict:
-    """``torch._dynamo.config`` values this combination needs; the caller applies and records them.
+# torch.compile on CUDA rewrites torchao int8 weight-only's ``mm(x, w_int8.to(bf16)) * scale`` into
+# ``aten._weight_int8pack_mm`` (inductor's weight-only-quantization pattern, registered with its mkldnn passes),
+# a kernel made for few rows: on the H200 a FLUX.1-dev step then took 65 s instead of 0.24 s eager
+# (benchmarks/results/2026-11-21-h200, torchao-int8wo+compile). With mkldnn off inductor does not register that
+# pattern and keeps the dequantize + cuBLAS mm. Process-wide and fixed at the first compile of the process. The
+# compiled-graph caches do not key on that switch (a graph compiled earlier with the rewrite would be reused,
+# seen on CPU), so they are off too: every process compiles afresh.
+WOQ_INT8_REWRITE_OFF = {"torch.backends.mkldnn.enabled": False, "torch.compiler.config.force_disable_caches": True}
+
+
+def dynamo_settings(components: dict[str, str], offload: str, compile: str, device_type: str = "cuda") -> dict:
+    """``torch._dynamo.config`` values this combination needs (plain keys), plus full ``torch.`` attribute paths for
+    other switches; the caller applies and records them.
 
     bitsandbytes under torch.compile produces data-dependent output shapes (capture_dynamic_output_shape_ops);
-    offload hooks make dynamo recompile blocks, so the recompile limit goes up.
+    offload hooks make dynamo recompile blocks, so the recompile limit goes up; torchao int8 weight-only on CUDA
+    must not be rewritten into ``_weight_int8pack_mm`` (``WOQ_INT8_REWRITE_OFF``).
     """
     if compile == "off":
         return {}
@@ -619,6 +665,8 @@ def dynamo_settings(components: dict[str, str], offload: str, compile: str) -> d
         out["capture_dynamic_output_shape_ops"] = True
     if offload not in ("none", "staged"):
         out["cache_size_limit"] = OFFLOAD_COMPILE_CACHE_LIMIT
+    if device_type == "cuda" and components.get("transformer") == "torchao-int8wo":
+        out.update(WOQ_INT8_REWRITE_OFF)
     return out
 
 

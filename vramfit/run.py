@@ -78,8 +78,11 @@ class Runner:
     """Holds a loaded pipeline (or, for ``offload=staged``, the recipe to load one stage at a time)."""
 
     def __init__(self, spec: ModelSpec, weights: Weights, recipe: Recipe, device: torch.device,
-                 gguf_file: str | None = None, progress: bool = True):
+                 gguf_file: str | None = None, progress: bool = True, on_event=None):
+        """``on_event(name, **info)``, if given, hears each phase as it starts or ends (load, stages, every denoising
+        step): the bench prints them, so a scenario killed by its time limit shows where it was."""
         self.spec, self.weights, self.recipe, self.device = spec, weights, recipe, device
+        self.on_event = on_event or (lambda name, **info: None)
         self.gguf_file = gguf_file
         self.progress = progress
         self.dynamo = apply.check(recipe, device)  # refusals happen here, before any heavy work
@@ -104,6 +107,7 @@ class Runner:
     # ------------------------------------------------------------------ loading
     def load(self) -> dict:
         apply.apply_dynamo_settings(self.dynamo, self.manifest)
+        self.on_event("load")
         self.memory.reset_peak()
         t0 = time.perf_counter()
         if self.staged:
@@ -119,11 +123,13 @@ class Runner:
         self.pipe.set_progress_bar_config(disable=not self.progress, desc="denoise", leave=False)
         self.load_record = {"s": round(time.perf_counter() - t0, 4), "after_load": self.memory.now(),
                             "peak": self.memory.peak()}
+        self.on_event("loaded", s=self.load_record["s"])
         return self.load_record
 
     def _load_stage(self, stage: str, rec: dict) -> dict:
         t0 = time.perf_counter()
         comps = {}
+        self.on_event("load-stage", stage=stage)
         for c in STAGE_COMPONENTS[stage]:
             comps[c] = apply.load_component(self.spec, self.weights, self.recipe, c, self.device, self.manifest,
                                             self.gguf_file)
@@ -149,6 +155,7 @@ class Runner:
         step_times: list[float] = []
         exec_device = dev if self.staged else pipe._execution_device
 
+        self.on_event("encode", run=self.runs + 1, seed=req.seed)
         with measure.stage(dev, self.memory, stages, "encode") as rec:
             if self.staged:
                 self._load_stage("encode", rec)
@@ -162,12 +169,14 @@ class Runner:
         def on_step(_pipe, i, t, kwargs):
             measure.sync(dev)
             step_times.append(time.perf_counter())
+            self.on_event("step", i=i + 1, of=req.steps)
             return {}
 
         with measure.stage(dev, self.memory, stages, "denoise") as rec:
             if self.staged:
                 self._load_stage("denoise", rec)
             t_start = time.perf_counter()
+            self.on_event("denoise", steps=req.steps, compile=self.recipe.compile)
             latents = pipe(
                 prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled,
                 num_inference_steps=req.steps, guidance_scale=req.guidance,
@@ -179,6 +188,7 @@ class Runner:
         if self.staged:
             self._free_stage("denoise")
 
+        self.on_event("decode")
         with measure.stage(dev, self.memory, stages, "decode") as rec:
             if self.staged:
                 self._load_stage("decode", rec)
@@ -189,6 +199,7 @@ class Runner:
             pipe.maybe_free_model_hooks()
 
         self.runs += 1
+        self.on_event("done", run=self.runs)
         lat = latents.detach().float().cpu()
         return Result(image=image, latents=lat, record=self._record(req, stages, step_times, t_start, lat))
 
@@ -223,6 +234,11 @@ class Runner:
         if self.recipe.compile != "off" and self.runs == 1 and median is not None:
             # the first compiled step includes tracing + codegen; later steps are warm
             timings["compile_s"] = round(per_step[0] - median, 4)
+        if self.recipe.compile != "off":
+            from torch._dynamo.utils import counters
+
+            # inductor's rewrites of int8 weight-only matmuls into _weight_int8pack_mm (see quant.WOQ_INT8_REWRITE_OFF)
+            timings["inductor_woq_rewrites"] = counters["inductor"].get("woq_matcher_count", 0)
         peaks = [s for s in stages.values()] + [self.load_record.get("peak", {})]
         memory = {
             "after_load": self.load_record["after_load"],
