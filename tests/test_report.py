@@ -132,3 +132,25 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "other.jsonl").write_text('{"schema": "vramfit.run/1", "scenario": "x"}\n')
     with pytest.raises(InputError, match="expected vramfit.bench/1"):
         report.make_report([tmp_path / "other.jsonl"], tmp_path / "rep")
+
+
+def test_chart_labels_do_not_overlap_and_keep_the_front():
+    from vramfit import report
+
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.set_xscale("log")
+    ax.set_xlim(0.1, 5)
+    ax.set_ylim(0, 40)
+    crowd = [(f"scenario-{k}", 0.2 + 0.001 * k, 20.0 + 0.01 * k, k < 2) for k in range(12)]  # 12 on one spot
+    lone = [("far-away", 3.0, 5.0, False), ("at-the-right-edge-with-a-long-name", 4.9, 30.0, False)]
+    placed, hidden = report.place_labels(fig, ax, crowd + lone)
+    renderer = fig.canvas.get_renderer()
+    boxes = [a.get_window_extent(renderer) for a in placed]
+    assert all(not boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i))
+    frame = ax.get_window_extent(renderer)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)  # none cut off at the edges
+    names = [a.get_text() for a in placed]
+    assert {"scenario-0", "scenario-1", "far-away", "at-the-right-edge-with-a-long-name"} <= set(names)
+    assert hidden == 14 - len(placed) and hidden > 0
+    plt.close(fig)

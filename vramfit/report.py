@@ -161,8 +161,6 @@ def plot_memory_latency(rows: list[dict], path: Path, title: str) -> bool:
     for x, y, i in pts:
         on = i in front
         ax.scatter(x, y, s=60 if on else 30, c="#d62728" if on else "#1f77b4", zorder=3)
-        ax.annotate(rows[i]["scenario"], (x, y), xytext=(4, 3), textcoords="offset points",
-                    fontsize=8, fontweight="bold" if on else "normal")
     fx = sorted((x, y) for x, y, i in pts if i in front)
     ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", c="#d62728", lw=1.2, label="Pareto front")
     ax.set_xscale("log")
@@ -172,9 +170,40 @@ def plot_memory_latency(rows: list[dict], path: Path, title: str) -> bool:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
+    # the Pareto front's labels first, then the rest; a label that would overlap a placed one is left out
+    order = sorted(pts, key=lambda p: (p[2] not in front, p[0]))
+    _, hidden = place_labels(fig, ax, [(rows[i]["scenario"], x, y, i in front) for x, y, i in order])
+    if hidden:
+        fig.text(0.995, 0.008, f"{hidden} label(s) left out where points crowd; index.html names every point",
+                 ha="right", va="bottom", fontsize=7, color="#555")
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+LABEL_OFFSETS = [(4, 3), (4, -11), (-4, 3), (-4, -11), (4, 12), (-4, 12)]  # points; negative x: right-aligned
+
+
+def place_labels(fig, ax, items) -> tuple[list, int]:
+    """Annotate (text, x, y, bold) in order at the first offset whose box stays inside the axes and overlaps no
+    placed label; returns the placed annotations and how many found no free spot."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed, boxes, hidden = [], [], 0
+    for text, x, y, bold in items:
+        for dx, dy in LABEL_OFFSETS:
+            a = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8,
+                            ha="left" if dx >= 0 else "right", fontweight="bold" if bold else "normal")
+            box = a.get_window_extent(renderer).expanded(1.02, 1.1)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in boxes):
+                placed.append(a)
+                boxes.append(box)
+                break
+            a.remove()
+        else:
+            hidden += 1
+    return placed, hidden
 
 
 def plot_bars(rows: list[dict], path: Path, title: str) -> bool:
