@@ -3,7 +3,7 @@ real layer shapes with fewer blocks (seeded random weights), quantized by vramfi
 (``compile_repeated_blocks(fullgraph=True)``, as ``compile=regional`` does), timed eager vs compiled at 1024² inputs
 (4096 image + 512 text tokens), and the compiled call profiled (top CUDA kernels and CPU ops).
 
-    python benchmarks/compile_probe.py --value torchao-int8wo --inductor prologue_fusion=False --out probe.jsonl
+    python benchmarks/compile_probe.py --value torchao-int8wo --set torch._inductor.config.prologue_fusion=False --out probe.jsonl
 
 One JSON line per variant goes to --out (appended) and stdout. Compile caches are per process, so each variant
 runs in a fresh one.
@@ -70,7 +70,6 @@ def main() -> int:
     ap.add_argument("--value", default="torchao-int8wo", help="transformer recipe value (bf16 = unquantized)")
     ap.add_argument("--layers", type=int, default=1, help="double-stream blocks (FLUX.1-dev has 19)")
     ap.add_argument("--single", type=int, default=2, help="single-stream blocks (FLUX.1-dev has 38)")
-    ap.add_argument("--inductor", action="append", default=[], help="torch._inductor.config KEY=VALUE")
     ap.add_argument("--vramfit-settings", action="store_true",
                     help="apply what vramfit's compile=regional applies for this value on this device")
     ap.add_argument("--set", action="append", default=[], help="torch._dynamo.config KEY=VALUE or torch.PATH=VALUE")
@@ -88,15 +87,8 @@ def main() -> int:
     device = torch.device(args.device)
     img, txt = (int(x) for x in args.tokens.split(","))
     row: dict = {"value": args.value, "layers": args.layers, "single": args.single, "tokens": [img, txt],
-                 "inductor": {}, "torch": torch.__version__,
+                 "torch": torch.__version__,
                  "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    for text in args.inductor:
-        k, v = parse_setting(text)
-        obj = torch._inductor.config
-        for part in k.split(".")[:-1]:
-            obj = getattr(obj, part)
-        setattr(obj, k.split(".")[-1], v)
-        row["inductor"][k] = v
     from vramfit.apply import Manifest, apply_dynamo_settings
 
     settings = dict(parse_setting(t) for t in args.set)

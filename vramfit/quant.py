@@ -356,10 +356,11 @@ def _repeated_units(module: torch.nn.Module) -> list[str]:
     return units
 
 
-def _quanto_by_unit(module, weights, skip: list[str], device, quantize, freeze) -> int:
+def _quanto_by_unit(module, weights, skip: list[str], device) -> int:
     """optimum-quanto's ``quantize`` + ``freeze`` one block at a time: each block moves to the device, is quantized
     there (quanto quantizes on the weights' device) and frozen before the next, so the bf16 component never sits
     whole on the device (moving it first cost a 30 GB load peak for flux-dev on the H200)."""
+    from optimum.quanto import freeze, quantize
     from optimum.quanto.nn import QModuleMixin
 
     def names(root: torch.nn.Module, prefix: str) -> list[str]:
@@ -531,10 +532,10 @@ def quantize_component(module: torch.nn.Module, component: str, value: str, devi
         module.to(device)
         api = f"torchao.quantization.quantize_(module, {type(cfg).__name__}(...))"
     elif spec.family == "quanto":
-        from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
+        from optimum.quanto import qfloat8, qint4, qint8
 
         w = {"quanto-int8": qint8, "quanto-int4": qint4, "quanto-fp8": qfloat8}[value]
-        units = _quanto_by_unit(module, w, _not_convert_keys(module), device, quantize, freeze)
+        units = _quanto_by_unit(module, w, _not_convert_keys(module), device)
         api = (f"optimum.quanto.quantize(unit, weights={w.name}); optimum.quanto.freeze(unit), for each of "
                f"{units} blocks moved to the device one at a time, then the rest")
     elif spec.family == "layerwise":
