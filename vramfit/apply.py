@@ -267,6 +267,10 @@ def load_device_for(recipe: Recipe, device: torch.device, component: str) -> tor
     keeps it there, unless its quantization only runs on the GPU (CUDA-only kernels; bitsandbytes quantizes as
     it moves to the GPU), in which case the quantized component passes through the GPU once while loading."""
     value = getattr(recipe, component)
+    if recipe.offload_kind == "stream":
+        from . import stream
+
+        return stream.load_device(value, device, component)
     if recipe.offload not in ACCELERATOR_OFFLOADS:
         return device  # resident or staged
     if value in PRECISIONS:
@@ -292,6 +296,11 @@ def build_pipeline(spec, weights, recipe: Recipe, device: torch.device, manifest
 def apply_offload(pipe, recipe: Recipe, device: torch.device, manifest: Manifest) -> None:
     o = recipe.offload
     if o in ("none", "staged"):
+        return
+    if recipe.offload_kind == "stream":
+        from . import stream
+
+        stream.apply_stream(pipe, recipe, device, manifest)
         return
     if o == "model":
         pipe.enable_model_cpu_offload(device=device)

@@ -440,6 +440,7 @@ class BlockStream:
 
         self.queue: deque = deque()  # (pos, slot) copied or in flight, not yet computed
         self.next_slot = 0
+        self.slot_holds = [None] * self.slots  # which block's bytes each slot holds (or is receiving)
         if cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.copied = [torch.cuda.Event() for _ in range(self.slots)]
@@ -504,6 +505,10 @@ class BlockStream:
         self.next_slot = (slot + 1) % self.slots
         src = self.host_views[pos]
         dst = self.slot_bufs[slot][:src.numel()]
+        if self.slot_holds[slot] == pos:  # still there (as many blocks as slots): nothing to copy
+            self.queue.append((pos, slot))
+            return
+        self.slot_holds[slot] = pos
         if self.device.type == "cuda":
             cs = self.copy_stream
             cs.wait_event(self.computed[slot])  # the slot's previous block has finished computing
@@ -576,3 +581,86 @@ def attach(root: torch.nn.Module, component: str, device, k: int, slots: int = D
     ex.info = ex.attach()
     root._vramfit_stream = ex
     return ex
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the recipe step: where components load, K, and the manifest entry
+
+
+def load_device(value: str, device, component: str) -> torch.device:
+    """Where a component loads under ``offload=stream``: the streamed components (transformer, T5) in host memory,
+    quantized there where the backend can, so that the whole component never sits on the GPU; a backend whose
+    quantization needs CUDA (torchao int4wo/fp8dq) quantizes on the GPU and the packed blocks leave it right
+    after. CLIP and the VAE are small (0.25 + 0.17 GB in bf16): resident."""
+    device = torch.device(device)
+    if component not in BLOCK_LISTS or device.type == "cpu":
+        return device
+    from .recipe import PRECISIONS
+
+    if value in PRECISIONS:
+        return torch.device("cpu")
+    from . import quant
+
+    return device if quant.get_spec(value).needs_cuda else torch.device("cpu")
+
+
+def resolve_k(recipe, spec=None, shape=None, vram_budget_bytes=None, gpu=None) -> tuple[int, str]:
+    """K for this recipe and where it came from: ``stream:K`` as written; plain ``stream`` with a budget from the
+    planner's ``plan.stream_k``; without a budget K=0 (every block streamed: the least VRAM)."""
+    if recipe.stream_k is not None:
+        return recipe.stream_k, "recipe"
+    if vram_budget_bytes is None:
+        return 0, "no budget: every block streamed"
+    from . import plan
+
+    fn = getattr(plan, "stream_k", None)
+    if fn is None:  # the planner's K is not in this build yet
+        return 0, "planner has no stream_k in this build: every block streamed"
+    return int(fn(spec.name if spec is not None else None, recipe, shape, vram_budget_bytes, gpu)), "plan.stream_k"
+
+
+def resolve(recipe, **kw):
+    """The recipe with ``offload=stream:K`` resolved (what a run records)."""
+    k, _ = resolve_k(recipe, **kw)
+    return recipe.with_(offload=f"stream:{k}")
+
+
+def apply_stream(pipe, recipe, device, manifest, k: int | None = None, slots: int = DEFAULT_SLOTS) -> dict:
+    """``offload=stream``: stream the transformer's blocks with K resident, and T5's blocks with none resident (it
+    runs once per image, so its copy is paid once per image, and it holds no VRAM between images). CLIP and the
+    VAE stay resident."""
+    device = torch.device(device)
+    source = "argument"
+    if k is None:
+        k, source = resolve_k(recipe)
+    comps, executors = {}, {}
+    for component, kk in (("transformer", k), ("text_encoder_2", 0)):
+        module = getattr(pipe, component, None)
+        if module is None:
+            continue
+        ex = attach(module, component, device, kk, slots)
+        executors[component] = ex
+        comps[component] = ex.info
+    for component in ("text_encoder", "vae"):  # resident; loaded on the device already (load_device)
+        module = getattr(pipe, component, None)
+        if module is not None:
+            _to_device(module, device, set())
+    proxies = {c: sum(isinstance(m, StreamedBlock) for m in getattr(pipe, c).modules()) for c in executors}
+    ok = all(proxies[c] == executors[c].info["streamed"] for c in executors)
+    entry = manifest.add(
+        "offload", strategy="stream", k=k, k_source=source, recipe_offload=f"stream:{k}", slots=slots,
+        api="vramfit.stream.attach(component, device, k, slots): blocks packed once in pinned host memory "
+            "(cudaHostRegister), copied per block on a side CUDA stream into a ring of device slots",
+        components=comps, verified=ok,
+        bytes_streamed_per_step=comps.get("transformer", {}).get("bytes_streamed_per_pass", 0),
+        pinned_host_bytes=sum(c["pinned_host_bytes"] for c in comps.values()),
+    )
+    pipe._vramfit_stream = executors
+    if not ok:
+        raise RuntimeError(f"offload=stream was requested but the proxies are not installed: {proxies}")
+    return entry
+
+
+def measured(pipe) -> dict:
+    """Per component: copies, bytes copied, and on CUDA the last pass's copy time and link rate (synchronizes)."""
+    return {c: ex.stats() for c, ex in getattr(pipe, "_vramfit_stream", {}).items()}
