@@ -120,6 +120,7 @@ def test_load_placement_and_k_resolution(monkeypatch):
     assert stream.load_device("bnb-nf4", gpu, "transformer") == CPU  # quantized in host memory, never whole on GPU
     assert stream.load_device("bf16", gpu, "text_encoder_2") == CPU
     assert stream.load_device("torchao-int4wo", gpu, "transformer") == gpu  # its quantization needs CUDA
+    assert stream.load_device("quanto-int8", gpu, "transformer") == gpu  # its layout depends on the device
     assert stream.load_device("bf16", gpu, "vae") == gpu and stream.load_device("bf16", gpu, "text_encoder") == gpu
     assert stream.resolve_k(Recipe.parse("offload=stream:3")) == (3, "recipe")
     assert stream.resolve_k(Recipe.parse("offload=stream"))[0] == 0

@@ -395,12 +395,6 @@ class BlockStream:
             total = _align(total + b.layout.nbytes, BLOCK_ALIGN)
         self.host = torch.empty(total, dtype=torch.uint8)
         self.pinned = False
-        if cuda and total:
-            err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), total, 0)
-            self.pinned = int(err) == 0 and self.host.is_pinned()
-            if not self.pinned:
-                raise RuntimeError(f"cudaHostRegister of {total} bytes failed (error {int(err)}): cannot pin the "
-                                   "streamed blocks' host buffer")
         self.host_views = []
         for b, off in zip(self.streamed, offs):
             region = self.host[off:off + b.layout.nbytes]
@@ -410,6 +404,14 @@ class BlockStream:
                 raise RuntimeError(f"{self.component}.{b.name}: packing changed the block's layout")
             b.layout = packed
             self.host_views.append(region)
+        if cuda and total:
+            # pinned in place after packing: registering commits every page at once, so doing it before the copies
+            # would hold the unpacked component and the whole buffer in host memory together
+            err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), total, 0)
+            self.pinned = int(err) == 0 and self.host.is_pinned()
+            if not self.pinned:
+                raise RuntimeError(f"cudaHostRegister of {total} bytes failed (error {int(err)}): cannot pin the "
+                                   "streamed blocks' host buffer")
 
         # the ring: R slot buffers on the device, and per slot one template per distinct layout
         self.slots = max(1, min(self.slots, len(self.streamed))) if self.streamed else 0
@@ -470,6 +472,9 @@ class BlockStream:
             b.parent[b.index] = b.module
         if hasattr(self.root, "stream_templates"):
             del self.root.stream_templates
+        if self.pinned:  # the blocks keep their host views; only the page lock goes
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            self.pinned = False
         self.templates, self.slot_bufs, self.queue = [], [], deque()
 
     # ------------------------------------------------------------------ running
@@ -591,7 +596,8 @@ def load_device(value: str, device, component: str) -> torch.device:
     """Where a component loads under ``offload=stream``: the streamed components (transformer, T5) in host memory,
     quantized there where the backend can, so that the whole component never sits on the GPU; a backend whose
     quantization needs CUDA (torchao int4wo/fp8dq) quantizes on the GPU and the packed blocks leave it right
-    after. CLIP and the VAE are small (0.25 + 0.17 GB in bf16): resident."""
+    after, as does quanto (its packed layout depends on the device). CLIP and the VAE are small (0.25 + 0.17 GB
+    in bf16): resident."""
     device = torch.device(device)
     if component not in BLOCK_LISTS or device.type == "cpu":
         return device
@@ -601,7 +607,9 @@ def load_device(value: str, device, component: str) -> torch.device:
         return torch.device("cpu")
     from . import quant
 
-    return device if quant.get_spec(value).needs_cuda else torch.device("cpu")
+    spec = quant.get_spec(value)
+    # quanto picks its packed layout by device (e.g. tinygemm int4, Marlin fp8 on CUDA): quantize where it runs
+    return device if spec.needs_cuda or spec.family == "quanto" else torch.device("cpu")
 
 
 def resolve_k(recipe, spec=None, shape=None, vram_budget_bytes=None, gpu=None) -> tuple[int, str]:
