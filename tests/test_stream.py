@@ -167,3 +167,14 @@ def test_stream_with_regional_compile_matches_resident_compile():
         comp = [s for s in res.record["manifest"] if s["step"] == "compile"][0]
         assert comp["verified"]
     assert torch.equal(lat["none"], lat["stream:1"])
+
+
+def test_stream_recipes_pass_the_checks_and_compile_full_is_refused():
+    from vramfit import apply
+
+    for text in ("offload=stream", "transformer=bnb-nf4,text_encoder_2=bnb-nf4,offload=stream:3,compile=regional",
+                 "transformer=quanto-int8,offload=stream:0", "transformer=gguf-q4_1,offload=stream"):
+        apply.check(Recipe.parse(text), CPU)  # every CPU backend streams, on CPU too
+    with pytest.raises(RecipeError, match="compile=full with offload=stream.*Alternative: offload=stream with "
+                                          "compile=regional"):
+        apply.check(Recipe.parse("offload=stream:2,compile=full"), CPU)

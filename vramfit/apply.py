@@ -64,6 +64,10 @@ def problems(components: dict[str, str], offload: str, compile: str, attention: 
         yield ("compile with offload=sequential: accelerate moves every leaf module's weights inside its forward, "
                "which splits the compiled graph at every layer"), \
             "offload=group-block with compile=regional, or offload=model with compile=regional"
+    if offload == "stream" and compile == "full":
+        from . import stream
+
+        yield stream.COMPILE_FULL_WHY, "offload=stream with compile=regional (compiles the slot templates)"
     quantized = {c: v for c, v in components.items() if v not in PRECISIONS}
     if not quantized:
         return

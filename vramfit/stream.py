@@ -45,6 +45,8 @@ ALIGN = 512  # bytes: every tensor region starts aligned for any dtype and for v
 BLOCK_ALIGN = 4096  # host regions start on a page
 DEFAULT_SLOTS = 2  # double buffering: one block computes while the next is copied (measured enough on the H200)
 # which ModuleLists hold a component's repeated blocks, in execution order
+COMPILE_FULL_WHY = ("compile=full with offload=stream: the executor issues copies and waits on CUDA events between "
+                    "blocks, in Python, so one fullgraph of the whole transformer cannot contain them")
 BLOCK_LISTS = {
     "transformer": ("transformer_blocks", "single_transformer_blocks"),
     "text_encoder_2": ("encoder.block",),
