@@ -117,10 +117,13 @@ def test_k_bounds_and_detach():
 
 def test_load_placement_and_k_resolution(monkeypatch):
     gpu = torch.device("cuda")
-    assert stream.load_device("bnb-nf4", gpu, "transformer") == CPU  # quantized in host memory, never whole on GPU
+    # bf16, fp8 casting and GGUF bytes load in host memory; device quantizers run on the GPU one block at a time
+    for value in ("bf16", "fp8-layerwise", "gguf-q4_1"):
+        assert stream.load_device(value, gpu, "transformer") == CPU
+    for value in ("bnb-nf4", "torchao-int8wo", "quanto-int8", "torchao-int4wo"):
+        assert stream.load_device(value, gpu, "transformer") == gpu
     assert stream.load_device("bf16", gpu, "text_encoder_2") == CPU
-    assert stream.load_device("torchao-int4wo", gpu, "transformer") == gpu  # its quantization needs CUDA
-    assert stream.load_device("quanto-int8", gpu, "transformer") == gpu  # its layout depends on the device
+    assert stream.load_device("bnb-nf4", CPU, "transformer") == CPU
     assert stream.load_device("bf16", gpu, "vae") == gpu and stream.load_device("bf16", gpu, "text_encoder") == gpu
     assert stream.resolve_k(Recipe.parse("offload=stream:3")) == (3, "recipe")
     assert stream.resolve_k(Recipe.parse("offload=stream"))[0] == 0
@@ -178,3 +181,24 @@ def test_stream_recipes_pass_the_checks_and_compile_full_is_refused():
     with pytest.raises(RecipeError, match="compile=full with offload=stream.*Alternative: offload=stream with "
                                           "compile=regional"):
         apply.check(Recipe.parse("offload=stream:2,compile=full"), CPU)
+
+
+@pytest.mark.parametrize("value", ["bnb-nf4", "torchao-int8wo", "quanto-int8"])
+def test_blockwise_quantization_gives_the_resident_bytes(value):
+    """Under a budget the streamed components are quantized one block at a time (then moved to host memory): the
+    same library call per linear, the component's skip list kept (T5's wo stays unquantized), same outputs."""
+    for component in ("transformer", "text_encoder_2"):
+        a = models.build_random_component(SPEC, component, 0, "cpu", torch.bfloat16)
+        b = models.build_random_component(SPEC, component, 0, "cpu", torch.bfloat16)
+        quant.quantize_component(a, component, value, "cpu")
+        entry = stream.quantize_streamed(b, component, value, "cpu")
+        assert quant.quantized_classes(a) == quant.quantized_classes(b) == entry["classes"]
+        assert quant.weight_bytes(a) == entry["weight_bytes"]
+        if component == "transformer":
+            assert torch.equal(forward(a), forward(b))
+        else:
+            ids = torch.arange(12).unsqueeze(0)
+            with torch.no_grad():
+                assert torch.equal(a(ids).last_hidden_state, b(ids).last_hidden_state)
+            wo = [m for n, m in b.named_modules() if n.endswith("DenseReluDense.wo")]
+            assert wo and all(type(m) is torch.nn.Linear for m in wo)

@@ -205,7 +205,14 @@ def load_component(
                      device=str(build_on), generated_on=str(models.random_generation_device(build_on)),
                      **_describe(module))
         if q is not None:
-            manifest.add(**{"component": component, **q.quantize_component(module, component, value, device)})
+            if recipe.offload_kind == "stream" and device.type == "cuda" and component in ("transformer",
+                                                                                          "text_encoder_2"):
+                from . import stream  # one block at a time on the GPU, then to host memory (a budget holds)
+
+                entry = stream.quantize_streamed(module, component, value, device)
+            else:
+                entry = q.quantize_component(module, component, value, device)
+            manifest.add(**{"component": component, **entry})
         return module
     # hub id or local directory: the real from_pretrained path, quantizing on load where the backend can.
     # A pre-quantized checkpoint (vramfit quantize) carries its quantization_config: it loads as saved.

@@ -594,12 +594,17 @@ def attach(root: torch.nn.Module, component: str, device, k: int, slots: int = D
 # the recipe step: where components load, K, and the manifest entry
 
 
+# families whose quantizers run on the device (bitsandbytes and torchao kernels; quanto picks its packed layout by
+# device): quantized there, block by block, so the bytes match a resident run's exactly
+DEVICE_QUANTIZED = ("bnb", "torchao", "quanto")
+
+
 def load_device(value: str, device, component: str) -> torch.device:
-    """Where a component loads under ``offload=stream``: the streamed components (transformer, T5) in host memory,
-    quantized there where the backend can, so that the whole component never sits on the GPU; a backend whose
-    quantization needs CUDA (torchao int4wo/fp8dq) quantizes on the GPU and the packed blocks leave it right
-    after, as does quanto (its packed layout depends on the device). CLIP and the VAE are small (0.25 + 0.17 GB
-    in bf16): resident."""
+    """Where a component loads under ``offload=stream``. CLIP and the VAE are small (0.25 + 0.17 GB in bf16):
+    resident, on the device. The streamed components (transformer, T5): bf16, fp8 layerwise casting (an exact cast)
+    and GGUF (file bytes) in host memory; bitsandbytes, torchao and quanto on the device, where ``quantize_streamed``
+    quantizes one block at a time and moves it to host memory right after, so the whole component never sits on the
+    GPU and the bytes are those of a resident run."""
     device = torch.device(device)
     if component not in BLOCK_LISTS or device.type == "cpu":
         return device
@@ -610,8 +615,62 @@ def load_device(value: str, device, component: str) -> torch.device:
     from . import quant
 
     spec = quant.get_spec(value)
-    # quanto picks its packed layout by device (e.g. tinygemm int4, Marlin fp8 on CUDA): quantize where it runs
-    return device if spec.needs_cuda or spec.family == "quanto" else torch.device("cpu")
+    return device if spec.needs_cuda or spec.family in DEVICE_QUANTIZED else torch.device("cpu")
+
+
+class _One(torch.nn.Module):
+    """Holds one block as ``b.0`` so the component's quantizer runs on it alone, with the component's skip list. In a
+    ModuleList, as in the component: quanto quantizes per element of the outermost ModuleLists (a block), and the
+    block's own inner ModuleLists (attn.to_out, ff.net) must not become units."""
+
+    def __init__(self, block: torch.nn.Module, skip: list):
+        super().__init__()
+        self.b = torch.nn.ModuleList([block])
+        self._keep_in_fp32_modules = skip
+
+
+def _block_skip(skip: list, path: str) -> list:
+    out = []
+    for k in skip:
+        if path == k or path.startswith(k + "."):
+            out.append("b.0")  # the whole block is left unquantized
+        elif k.startswith(path + "."):
+            out.append("b.0." + k[len(path) + 1:])
+        else:
+            out.append(k)  # suffix keys ("wo") match inside the block as they do in the component
+    return out
+
+
+def quantize_streamed(module: torch.nn.Module, component: str, value: str, device) -> dict:
+    """``quant.quantize_component`` one block at a time on ``device``, each block moved to host memory right after;
+    then the rest of the component (blocks set aside) on the device. Each linear is quantized by the same library
+    call as in a resident run, so the bytes are identical; the device holds at most one unquantized block."""
+    from . import quant
+
+    device = torch.device(device)
+    skip = quant._not_convert_keys(module)
+    host = torch.device("cpu")
+    lists = [(n, module.get_submodule(n)) for n in BLOCK_LISTS[component]]
+    n_blocks = 0
+    for lname, lst in lists:
+        for i, block in enumerate(lst):
+            quant.quantize_component(_One(block, _block_skip(skip, f"{lname}.{i}")), component, value, device)
+            _to_device(block, host, set())  # packed bytes leave the device before the next block comes
+            n_blocks += 1
+    saved = {lname: list(lst) for lname, lst in lists}
+    for _, lst in lists:  # the rest: quantized and placed by the component's own call, blocks set aside
+        for i in range(len(lst)):
+            lst[i] = torch.nn.Module()
+    entry = quant.quantize_component(module, component, value, device)
+    for lname, lst in lists:
+        for i, block in enumerate(saved[lname]):
+            lst[i] = block
+    entry["api"] = (f"{entry['api']}; per block on {device} then moved to host ({n_blocks} blocks, "
+                    f"vramfit.stream.quantize_streamed), then the rest on {device}")
+    entry["classes"] = quant.quantized_classes(module)
+    entry["quantized_modules"] = sum(entry["classes"].values())
+    entry["weight_bytes"] = quant.weight_bytes(module)
+    return entry
 
 
 def resolve_k(recipe, spec=None, shape=None, vram_budget_bytes=None, gpu=None) -> tuple[int, str]:
