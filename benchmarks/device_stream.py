@@ -24,9 +24,12 @@ Rows (full-size FLUX.1-dev stand-in, random weights, 1024x1024, seed 0):
                        group-leaf (int8wo / fp8 / bf16; bnb is refused by group offload), model offload for nf4
   generate-8GB/12GB    `vramfit generate --vram 8GB / 12GB` under those caps
 
-Estimated GPU wall time for everything: ~25 min; with the default --budget-s 600 the first ~8 rows run
-(link, both nf4 headline rows, bf16 K=0, generate-3GB, the 3 GB and 8 GB sweep rows of nf4/int8) and the rest are
-rows saying they were left out. ``--smoke`` runs the same code on flux-tiny on CPU (64x64, 2 steps, no caps).
+Estimated GPU wall time for everything: ~45 min (16 distinct sweep runs with the planner's K, 4 stock, 3
+generate, 4 headline rows, ~60-90 s each, mostly building the random stand-in in host memory). With the default
+--budget-s 600: link, nf4-stream-3GB, nf4-resident (+ the identity row), bf16-stream-k0, generate-3GB and the
+int8/fp8 3 GB sweep rows; the rest are rows saying they were left out. Sweep rows whose K resolves to a recipe
+already run (e.g. nf4 at 3 and 4 GB both K=0, the headline row) say so instead of running again.
+``--smoke`` runs the same code on flux-tiny on CPU (64x64, 2 steps, no caps).
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ def child_run(sc: dict, smoke: bool) -> dict:
     k_source = None
     if recipe.offload_kind == "stream":
         budget = sc.get("budget_gb")
-        k, k_source = stream.resolve_k(recipe, spec=spec, shape=(req.height, req.width),
+        k, k_source = stream.resolve_k(recipe, spec=spec, shape=(req.height, req.width, req.steps),
                                        vram_budget_bytes=budget * GB if budget else None, gpu=None)
         recipe = recipe.with_(offload=f"stream:{k}")
     runner = Runner(spec, models.resolve_weights(spec, "random"), recipe, device, progress=False)
@@ -225,8 +228,9 @@ def main(argv=None) -> int:
         todo = [s for s in todo if s["name"] in names]
     t_start = time.perf_counter()
     done: dict[str, dict] = {}
-    seen_recipes: dict[tuple, str] = {}
-    command = f"device_stream.py {' '.join(argv or sys.argv[1:])} @ {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+    seen_recipes: dict[str, tuple] = {}  # resolved recipe -> (row name, its cap)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    command = f"device_stream.py {' '.join(argv or sys.argv[1:])} @ {stamp}"
     for sc in todo:
         left = args.budget_s - (time.perf_counter() - t_start)
         row = {"name": sc["name"], "scenario": sc, "command": command, "smoke": args.smoke}
@@ -235,12 +239,15 @@ def main(argv=None) -> int:
             row["skipped"] = f"left out: estimated {est} s, {left:.0f} s of --budget-s left"
         else:
             key = _resolved_key(sc, args.smoke)
-            if key is not None and key in seen_recipes:
-                row["skipped"] = f"same resolved recipe and cap as {seen_recipes[key]}: not run again"
+            prev = seen_recipes.get(key) if key is not None else None
+            cap = sc.get("budget_gb")
+            if prev is not None and prev[1] is not None and (cap is None or prev[1] <= cap):
+                row["skipped"] = (f"same resolved recipe as {prev[0]}, which ran capped at {prev[1]} GB: "
+                                  "not run again")
             else:
                 row.update(_run_child(sc, args.smoke, timeout=left))
                 if key is not None and "error" not in row:
-                    seen_recipes[key] = sc["name"]
+                    seen_recipes[key] = (sc["name"], cap)
         done[sc["name"]] = row
         _append(out, row)
         print(_line(row), flush=True)
@@ -256,9 +263,9 @@ def main(argv=None) -> int:
 
 
 def _resolved_key(sc: dict, smoke: bool):
-    """Sweep rows whose K from the budget resolves to a recipe already run (e.g. all resident at 16 and 24 GB) are
-    the same run; cap differences do not change s/step once it fits."""
-    if sc["kind"] != "run" or "offload=stream" not in sc.get("recipe", "") or not sc["name"].startswith("sweep"):
+    """Stream rows whose K from the budget resolves to a recipe already run (e.g. all resident at 16 and 24 GB) are
+    the same run; a larger cap does not change s/step once the recipe fits a smaller one."""
+    if sc["kind"] != "run" or "offload=stream" not in sc.get("recipe", ""):
         return None
     from vramfit import models, stream
     from vramfit.recipe import Recipe
@@ -266,11 +273,12 @@ def _resolved_key(sc: dict, smoke: bool):
     spec, req = _spec_and_request(smoke, sc["steps"])
     r = Recipe.parse(sc["recipe"])
     try:
-        k, _ = stream.resolve_k(r, spec=spec, shape=(req.height, req.width),
+        k, _ = stream.resolve_k(r, spec=spec, shape=(req.height, req.width, req.steps),
                                 vram_budget_bytes=sc["budget_gb"] * GB, gpu=None)
     except Exception:
         return None
-    return (str(r.with_(offload=f"stream:{k}", vae_decode="none")), sc["steps"])
+    # steps are left out: s/step is what the rows compare, and a 28-step headline row covers a 6-step sweep row
+    return str(r.with_(offload=f"stream:{k}", vae_decode="none"))
 
 
 def _run_child(sc: dict, smoke: bool, timeout: float) -> dict:

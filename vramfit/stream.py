@@ -685,6 +685,9 @@ def resolve_k(recipe, spec=None, shape=None, vram_budget_bytes=None, gpu=None) -
     fn = getattr(plan, "stream_k", None)
     if fn is None:  # the planner's K is not in this build yet
         return 0, "planner has no stream_k in this build: every block streamed"
+    if isinstance(shape, tuple) and hasattr(plan, "Shape"):  # (height, width[, steps]) -> the planner's Shape
+        h, w, *rest = shape
+        shape = plan.Shape(h, w, rest[0] if rest else 28, 1, spec.max_sequence_length if spec is not None else 512)
     return int(fn(spec.name if spec is not None else None, recipe, shape, vram_budget_bytes, gpu)), "plan.stream_k"
 
 
