@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-from .data import GB, Shape, calibration, offload_kind, ram_budget, stream_k as recipe_stream_k
+from .data import GB, Shape, calibration, compile_scope, offload_kind, ram_budget, stream_k as recipe_stream_k
 from .estimate import UNMEASURED_PENALTY, fits_gb, predict, stream_k
 from ..errors import RecipeError
 
@@ -69,8 +69,8 @@ def refusal(recipe, device_type: str = "cuda", gpu: dict | None = None, here: bo
         except RecipeError as e:
             return str(e)
         return None
-    for reason, alt in apply.problems(recipe.components, recipe.offload, recipe.compile, recipe.attention, "cuda",
-                                      installed=False):
+    for reason, alt in list(apply._unbuilt(recipe)) + list(apply.problems(
+            recipe.components, offload_kind(recipe), compile_scope(recipe), recipe.attention, "cuda", installed=False)):
         return f"{reason}. Alternative: {alt}"
     cap = (gpu or {}).get("capability")
     for comp, value in recipe.components.items():
