@@ -351,19 +351,23 @@ def test_check_catches_a_doctored_measured_row(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_check_out_of_sample_refits_without_the_row(capsys):
-    """Leave-one-out on the committed foundation runs: every row that the fit read is predicted from a
-    calibration refitted without it, and reported beside the in-sample figure."""
+def test_check_out_of_sample_refits_without_the_row(tmp_path, capsys):
+    """Leave-one-out on committed measured rows: a fitting row is predicted from a calibration refitted without
+    it and reported beside the in-sample figure; a row that alone fixes a constant is said to be so."""
     loo = plan.LeaveOneOut()
     assert loo.available() is None
-    row = json.loads(FOUNDATION.read_text().splitlines()[2])  # offload=model: it fixes the sync/write-back rates
+    row = next(json.loads(x) for x in SEEDS.read_text().splitlines() if json.loads(x).get("scenario") == "nf4")
     inside = plan.compare_row(row)
     outside, refit = loo.compare(row)
     assert refit and outside["pairs"]["s/step"][1] == inside["pairs"]["s/step"][1]  # same measurement
     assert outside["pairs"]["s/step"][0] != inside["pairs"]["s/step"][0]  # a different prediction
-    main(["plan", "--check", str(FOUNDATION)])
+    seq = json.loads(FOUNDATION.read_text().splitlines()[3])  # the only offload=sequential run
+    f = tmp_path / "two.jsonl"
+    f.write_text(json.dumps(row) + "\n" + json.dumps(seq) + "\n")
+    main(["plan", "--check", str(f)])
     out = capsys.readouterr().out
-    assert "in sample: " in out and "out of sample: " in out and "(refit without it)" in out
+    assert "in sample: 2/2" in out and "out of sample: 1/1" in out and "(refit without it)" in out
+    assert "the fit cannot do without this row" in out
 
 
 # ----------------------------------------------------------------------------------------------------------

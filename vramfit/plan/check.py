@@ -144,7 +144,11 @@ class LeaveOneOut:
         if i is None:
             return compare_row(row), False
         rest = [dict(r) for j, r in enumerate(self.rows) if j != i]
-        cal = self.derive.derive(rest, quiet=True)
+        try:
+            cal = self.derive.derive(rest, quiet=True)
+        except (IndexError, ValueError, ZeroDivisionError) as e:  # the only row that measures some constant
+            raise _Skip(f"out of sample: the fit cannot do without this row (it alone measures a constant: "
+                        f"{type(e).__name__})")
         with using_calibration(cal):
             return compare_row(row), True
 
@@ -204,9 +208,12 @@ def check_rows(path: str | list, file=None, out_of_sample: bool = True) -> int:
         try:
             ins.append(compare_row(row))
             if loo is not None:
-                r, refit = loo.compare(row)
-                r["refit"] = refit
-                oos.append(r)
+                try:
+                    r, refit = loo.compare(row)
+                    r["refit"] = refit
+                    oos.append(r)
+                except _Skip as e:
+                    notes.append(f"{where} ({label}): {e}")
         except _Skip as e:
             notes.append(f"{where} ({label}): skipped, {e}")
         except (KeyError, TypeError) as e:
