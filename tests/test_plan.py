@@ -361,7 +361,7 @@ def test_check_out_of_sample_refits_without_the_row(tmp_path, capsys):
     outside, refit = loo.compare(row)
     assert refit and outside["pairs"]["s/step"][1] == inside["pairs"]["s/step"][1]  # same measurement
     assert outside["pairs"]["s/step"][0] != inside["pairs"]["s/step"][0]  # a different prediction
-    seq = json.loads(FOUNDATION.read_text().splitlines()[3])  # the only offload=sequential run
+    seq = json.loads(FOUNDATION.read_text().splitlines()[2])  # the only offload=sequential run
     f = tmp_path / "two.jsonl"
     f.write_text(json.dumps(row) + "\n" + json.dumps(seq) + "\n")
     main(["plan", "--check", str(f)])
