@@ -227,6 +227,8 @@ def cmd_export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vramfit", description="Run FLUX inside any GPU-memory budget, measured.")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show other libraries' warnings and log lines (quiet by default)")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("models", help="list the model registry with parameter counts (no weights needed)")
@@ -282,7 +284,11 @@ EXTENSION_MODULES = ("quant_cli", "bench", "report", "plan")
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from . import logs
+
+    # before build_parser: the extension modules it imports must already find the libraries quiet
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logs.configure(verbose=bool(argv) and argv[0] in ("-v", "--verbose"))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
