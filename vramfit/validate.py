@@ -76,8 +76,8 @@ def check_size(spec, height, width, allow_large: bool = False) -> list[str]:
             f"(largest at this aspect ratio: {h}x{w})")
     if not allow_large:
         raise InputError(f"{what}. Give a smaller --height/--width, or --allow-large to run it anyway")
-    return [f"{what}; going ahead (--allow-large): expect much more memory and time, and images outside what the model "
-            f"was trained for"]
+    return [f"{what}; going ahead (--allow-large): expect much more memory and time, and images outside what "
+            f"the model was trained for"]
 
 
 @lru_cache(maxsize=8)
