@@ -204,3 +204,20 @@ def test_plan_and_bench_files_use_the_same_rules(tmp_path, capsys):
     toml.write_text('[[scenario]]\nname = "big"\nrecipe = "bf16"\nmodel = "flux-tiny"\nsize = 4096\n')
     with pytest.raises(InputError, match="allows at most"):
         bench.load_scenarios(toml)
+
+
+def test_export_and_gguf_outputs_checked_before_any_work(capsys, monkeypatch):
+    from vramfit import apply
+
+    def boom(*a, **k):
+        raise AssertionError("built a component before refusing the output path")
+
+    monkeypatch.setattr(models, "build_random_component", boom)
+    monkeypatch.setattr(apply, "load_component", boom)
+    for argv in (["export", "flux-tiny", "--out", "/proc/nope/ckpt"],
+                 ["quantize", "flux-tiny", "--recipe", "transformer=torchao-int8wo", "--out", "/proc/nope/ckpt"],
+                 ["export-gguf", "flux-tiny", "--type", "q8_0", "--out", "/proc/nope/t.gguf"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "vramfit: error: --out '/proc/nope" in err and "cannot write there" in err, err
+    assert not Path("/proc/nope").exists()

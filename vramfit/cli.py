@@ -30,10 +30,13 @@ def atomic_write(path: Path, write) -> None:
 
 
 def check_out_dir(out: str) -> Path:
+    from .validate import try_write
+
     p = Path(out)
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise InputError(f"--out {out!r} exists and is not an empty directory; choose a new directory "
                          f"(nothing there is overwritten)")
+    try_write(p.parent if str(p.parent) else Path("."), f"--out {out!r}")  # the checkpoint is renamed in from there
     return p
 
 

@@ -131,22 +131,28 @@ def check_out_path(path, suffix: str) -> Path:
         raise InputError(f"--out {str(path)!r} is a directory; give a file name ending in {suffix}")
     if p.exists() and not os.access(p, os.W_OK):
         raise InputError(f"--out {str(path)!r}: the file exists and is not writable; choose another path")
-    parent = p.parent if str(p.parent) else Path(".")
+    try_write(p.parent if str(p.parent) else Path("."), f"--out {str(path)!r}")
+    return p
+
+
+def try_write(directory: Path, what: str) -> None:
+    """Create ``directory`` (and any missing parents) and a temporary file in it, then remove what was made:
+    InputError naming the path if either fails. Permissions alone do not tell (read-only mounts, /proc, quotas)."""
     made: list[Path] = []
     try:
         missing = []
-        d = parent
+        d = directory
         while not d.exists():
             missing.append(d)
             d = d.parent
         for d in reversed(missing):
             d.mkdir()
             made.append(d)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{p.name}.", suffix=".probe")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".vramfit-", suffix=".probe")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise InputError(f"--out {str(path)!r}: cannot write there ({e.strerror or e}: {e.filename or parent}). "
+        raise InputError(f"{what}: cannot write there ({e.strerror or e}: {e.filename or directory}). "
                          f"Give a path in a writable directory") from None
     finally:
         for d in reversed(made):
@@ -154,4 +160,3 @@ def check_out_path(path, suffix: str) -> Path:
                 d.rmdir()
             except OSError:
                 pass
-    return p
