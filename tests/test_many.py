@@ -77,6 +77,8 @@ def test_prompts_file_one_load_blank_lines_skipped_warnings_said_once(tmp_path, 
     assert "images:" not in cap.err
     rec = json.loads((tmp_path / "p-3.json").read_text())
     assert any("T5 tokens" in n for n in rec["notes"])
+    assert rec["prompt_read_by_t5"] == long[:63]  # stand-in T5 is byte-level: 63 bytes + end of sequence
+    assert "prompt_read_by_t5" not in json.loads((tmp_path / "p-0.json").read_text())
 
 
 def test_plain_generate_out_of_gpu_memory_is_one_line_with_the_hint(tmp_path, capsys, monkeypatch):

@@ -156,6 +156,8 @@ def cmd_generate(args) -> int:
                 rec["plan"] = plan_record
             if job["notes"]:
                 rec["notes"] = job["notes"]
+            if job["prompt_read"] is not None:  # the pipeline cuts the prompt itself; this is what T5 read
+                rec["prompt_read_by_t5"] = job["prompt_read"]
             rec["output"] = {"image": str(png), "json": str(rec_path)}
             if several:
                 rec["output"].update(index=k, of=len(jobs), prompt_line=job["line"])
@@ -241,7 +243,7 @@ def plan_images(args, spec, weights) -> tuple[list[dict], list[str]]:
     for line, text in prompts:
         where = f"--prompts {args.prompts} line {line}: " if line is not None else ""
         try:
-            _, said = check_prompt(spec, weights, text, strict=args.strict)
+            seen, said = check_prompt(spec, weights, text, strict=args.strict)
         except InputError as e:
             raise InputError(where + str(e)) from None
         said = [where + s for s in said]
@@ -249,7 +251,8 @@ def plan_images(args, spec, weights) -> tuple[list[dict], list[str]]:
         for i in range(args.n):
             req = request_for(spec, text, args.steps, args.height, args.width, args.guidance, args.seed + i,
                               allow_large=args.allow_large)
-            jobs.append({"request": req, "line": line, "notes": size_notes + said})
+            jobs.append({"request": req, "line": line, "notes": size_notes + said,
+                         "prompt_read": seen if seen != text else None})
     return jobs, notes
 
 

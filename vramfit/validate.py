@@ -49,7 +49,7 @@ def check_number(name: str, value, lo=None, hi=None, integer: bool = False):
 
 
 def _fmt(x) -> str:
-    return f"2**63-1" if x == SEED_MAX else str(x)
+    return "2**63-1" if x == SEED_MAX else str(x)
 
 
 def largest_size(max_pixels: int, height: int, width: int) -> tuple[int, int]:
