@@ -34,6 +34,7 @@ def _run(tmp_path, *argv):
     return json.loads(info.read_text()) if info.exists() else {"rc": p.returncode}, lines
 
 
+@pytest.mark.slow  # two fresh processes: about 25 s of CPU, over a minute on a shared 2-core machine
 def test_generate_prints_only_its_own_lines_and_v_shows_the_libraries(tmp_path):
     gen = ["generate", "a fox", "--model", "flux-tiny", "--steps", "2", "--height", "64", "--width", "64",
            "--out", str(tmp_path / "q.png")]
