@@ -221,3 +221,6 @@ def test_export_and_gguf_outputs_checked_before_any_work(capsys, monkeypatch):
         err = capsys.readouterr().err
         assert "vramfit: error: --out '/proc/nope" in err and "cannot write there" in err, err
     assert not Path("/proc/nope").exists()
+    assert cli.main(["export", "flux-tiny", "--weights-seed", "-5", "--out", "/tmp/never-written"]) == 2
+    assert "--weights-seed -5: must be in 0..2**63-1" in capsys.readouterr().err
+    assert not Path("/tmp/never-written").exists()

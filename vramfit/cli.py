@@ -373,7 +373,10 @@ def cmd_export(args) -> int:
 
     from . import __version__, apply, models
 
+    from .validate import check_number
+
     spec = models.get_model(args.model)
+    check_number("--weights-seed", args.weights_seed, 0, SEED_MAX, integer=True)
     if args.weights != "random":
         raise InputError("export writes random stand-ins (--weights random); a hub or local checkpoint already "
                          "is a diffusers-format directory")
