@@ -81,6 +81,7 @@ def add_parser(sub) -> None:
                                                "'local' to probe this machine (the default when it has a GPU)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--allow-large", action="store_true", help="plan a size above the model's maximum (warning)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--images", type=int, default=1, help="planning horizon: images one process will make (the cold "
@@ -121,19 +122,20 @@ def cmd_plan(args) -> int:
     prof = local_profile() if gpu == "local" else gpu_profile(gpu)
     if vram is None:  # auto / not given: free memory of a probed GPU, else the card's memory (reserve: fit rule)
         vram = prof.get("vram_free_gb") or prof["vram_gb"]
-    h = args.height or spec.default_size
-    w = args.width or spec.default_size
-    for name, v in (("height", h), ("width", w)):
-        if v <= 0 or v % 16:
-            raise InputError(f"--{name} {v}: must be a positive multiple of 16")
+    h = spec.default_size if args.height is None else args.height  # --height 0 is an error, not the default
+    w = spec.default_size if args.width is None else args.width
+    from ..validate import STEPS_MAX, check_number, check_size
+
+    for note in check_size(spec, h, w, allow_large=args.allow_large):  # the same limits as `vramfit generate`
+        print(f"vramfit: warning: {note}", file=sys.stderr)
     if args.top < 0:
         raise InputError(f"--top {args.top}: must be >= 0 (0 prints every candidate)")
-    for name in ("steps", "batch", "images"):
+    for name, hi in (("steps", STEPS_MAX), ("batch", None), ("images", None)):
         v = getattr(args, name)
-        if v is not None and v < 1:
-            raise InputError(f"--{name} {v}: must be at least 1")
-    if args.max_error is not None and args.max_error < 0:
-        raise InputError(f"--max-error {args.max_error}: must be >= 0")
+        if v is not None:
+            check_number(f"--{name}", v, 1, hi, integer=True)
+    if args.max_error is not None:
+        check_number("--max-error", args.max_error, 0.0)
     shape = Shape(h, w, args.steps or spec.default_steps, args.batch, spec.max_sequence_length, args.images)
     plan = plan_for(spec.name, shape, prof, vram, ram, max_error=args.max_error, weights_kind=args.weights)
     if args.json:
