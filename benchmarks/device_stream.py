@@ -11,6 +11,8 @@ stand-in on the GPU + quantizing in host memory + steps) and is skipped, with a 
 
 Rows (full-size FLUX.1-dev stand-in, random weights, 1024x1024, seed 0):
   link                 pinned (cudaHostRegister, as the executor pins) / pin_memory / pageable host->GPU GB/s
+  tiny-identity        flux-tiny on the GPU, every backend (and bf16 + compile=regional): stream:1 vs none,
+                       latents bit for bit (the CUDA path: pinned buffer, copy stream, events, block-wise quantize)
   nf4-stream-3GB       nf4 T5+transformer, offload=stream (K from the budget), vae tiling, cap 3 GB, 28 steps
                        (goal: s/step <= 1.10 x resident nf4 0.185)
   nf4-resident         the same recipe with offload=none, 28 steps: the speed reference and the identity check
@@ -26,8 +28,8 @@ Rows (full-size FLUX.1-dev stand-in, random weights, 1024x1024, seed 0):
 
 Estimated GPU wall time for everything: ~45 min (16 distinct sweep runs with the planner's K, 4 stock, 3
 generate, 4 headline rows, ~60-90 s each, mostly building the random stand-in in host memory). With the default
---budget-s 600: link, nf4-stream-3GB, nf4-resident (+ the identity row), bf16-stream-k0, generate-3GB and the
-int8/fp8 3 GB sweep rows; the rest are rows saying they were left out. Sweep rows whose K resolves to a recipe
+--budget-s 600: link, tiny-identity, nf4-stream-3GB, nf4-resident (+ the identity row), bf16-stream-k0 and
+generate-3GB; the rest are rows saying they were left out (--budget-s 1200 adds the 3 and 8 GB sweep and stock rows). Sweep rows whose K resolves to a recipe
 already run (e.g. nf4 at 3 and 4 GB both K=0, the headline row) say so instead of running again.
 ``--smoke`` runs the same code on flux-tiny on CPU (64x64, 2 steps, no caps).
 """
@@ -59,6 +61,7 @@ def scenarios() -> list[dict]:
     """In priority order. est_s: estimated wall seconds on the H200 (process start, build, quantize, steps)."""
     out = [
         dict(name="link", kind="link", est_s=15),
+        dict(name="tiny-identity", kind="tiny", est_s=90),
         dict(name="nf4-stream-3GB", kind="run", recipe=f"{NF4},offload=stream,vae_decode=tiling", budget_gb=3,
              steps=28, est_s=110),
         dict(name="nf4-resident", kind="run", recipe=NF4, steps=28, est_s=80),
@@ -128,6 +131,44 @@ def child_link(smoke: bool) -> dict:
     return out
 
 
+TINY_VALUES = ("bf16", "bnb-nf4", "bnb-int8", "torchao-int8wo", "torchao-fp8wo", "quanto-int8", "quanto-int4",
+               "fp8-layerwise", "gguf-q4_1", "torchao-int4wo")
+
+
+def child_tiny(smoke: bool) -> dict:
+    """flux-tiny on the GPU, every backend: offload=stream:1 (transformer, T5 streamed) vs offload=none, latents
+    compared bit for bit; plus bf16 with compile=regional. Checks the CUDA path quickly before the full-size rows."""
+    import torch
+
+    from vramfit import models, stream
+    from vramfit.recipe import Recipe
+    from vramfit.run import Runner, request_for
+
+    device = torch.device("cpu" if smoke else "cuda")
+    spec = models.get_model("flux-tiny")
+    req = request_for(spec, PROMPT, steps=2, seed=0)
+    out = {}
+    cases = [(v, "") for v in TINY_VALUES if not (smoke and v == "torchao-int4wo")] + [("bf16", ",compile=regional")]
+    for value, extra in cases:
+        t5 = "bf16" if value.startswith("gguf") else value
+        name = value + extra.replace(",", " ")
+        try:
+            sha = {}
+            for off in ("none", "stream:1"):
+                r = Runner(spec, models.resolve_weights(spec, "random"),
+                           Recipe.parse(f"transformer={value},text_encoder_2={t5},offload={off}{extra}"), device,
+                           progress=False)
+                sha[off] = r.generate(req).record["latents"]["sha256"]
+                if off != "none":
+                    m = stream.measured(r.pipe)
+                    pinned = r.pipe._vramfit_stream["transformer"].pinned
+            out[name] = {"bit_identical": sha["none"] == sha["stream:1"], "pinned": pinned,
+                         "copies": m["transformer"]["copies"], "link_gb_s": m["transformer"].get("link_gb_s")}
+        except Exception as e:  # one backend failing is that backend's result, not the row's
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    return {"cases": out, "all_identical": all(v.get("bit_identical") for v in out.values())}
+
+
 def _spec_and_request(smoke: bool, steps: int):
     from vramfit import models
     from vramfit.run import request_for
@@ -193,7 +234,8 @@ def child_cli(sc: dict, smoke: bool) -> dict:
 def child(sc: dict, smoke: bool) -> dict:
     t0 = time.perf_counter()
     try:
-        row = {"link": child_link, "run": lambda s: child_run(sc, s), "cli": lambda s: child_cli(sc, s)}[
+        row = {"link": child_link, "tiny": child_tiny, "run": lambda s: child_run(sc, s),
+               "cli": lambda s: child_cli(sc, s)}[
             sc["kind"]](smoke)
     except Exception as e:  # a failed scenario is a row with its error
         import traceback
@@ -309,6 +351,9 @@ def _line(row: dict) -> str:
     t, m = row.get("timings") or {}, row.get("memory") or {}
     if row.get("name") == "link":
         return f"{'link':24s} " + ", ".join(f"{k} {v}" for k, v in row.items() if k.endswith("gb_s"))
+    if "cases" in row:
+        return f"{row['name']:24s} all_identical={row['all_identical']} " + ", ".join(
+            f"{k}: {v.get('bit_identical', v.get('error'))}" for k, v in row["cases"].items())
     if "bit_identical" in row:
         return f"{row['name']:24s} bit_identical={row['bit_identical']}"
     sm = row.get("stream_measured", {}).get("transformer", {})

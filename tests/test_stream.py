@@ -202,3 +202,21 @@ def test_blockwise_quantization_gives_the_resident_bytes(value):
                 assert torch.equal(a(ids).last_hidden_state, b(ids).last_hidden_state)
             wo = [m for n, m in b.named_modules() if n.endswith("DenseReluDense.wo")]
             assert wo and all(type(m) is torch.nn.Linear for m in wo)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", ["bf16", "bnb-nf4", "torchao-int8wo", "quanto-int8", "fp8-layerwise"])
+def test_cuda_stream_matches_offload_none(value):
+    """The CUDA path (pinned host buffer, copy stream, events, block-wise quantization on the GPU): bit-identical."""
+    gpu = torch.device("cuda")
+    req = request_for(SPEC, "a red bicycle", steps=2, seed=5)
+    lat = {}
+    for off in ("none", "stream:1"):
+        r = Runner(SPEC, models.resolve_weights(SPEC, "random"),
+                   Recipe.parse(f"transformer={value},text_encoder_2={value},offload={off}"), gpu, progress=False)
+        lat[off] = r.generate(req).latents
+        if off != "none":
+            ex = r.pipe._vramfit_stream["transformer"]
+            assert ex.pinned and ex.host.is_pinned()
+            assert stream.measured(r.pipe)["transformer"]["copies"] == 2 * 3 + 2
+    assert torch.equal(lat["none"], lat["stream:1"])

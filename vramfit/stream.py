@@ -450,6 +450,7 @@ class BlockStream:
             self.copied = [torch.cuda.Event() for _ in range(self.slots)]
             self.computed = [torch.cuda.Event() for _ in range(self.slots)]
             self._timing: list = []  # (copy start, copy end, nbytes) of the current pass
+            self._compute_timing: list = []  # (start, end) of each streamed block's compute
             self.measured: dict = {}
         return self.describe(moved)
 
@@ -490,12 +491,17 @@ class BlockStream:
         _, slot = self.queue[0]
         cuda = self.device.type == "cuda"
         if cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(self.copied[slot])
+            c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            c0.record(cur)  # after the wait: compute time excludes time spent waiting for the copy
         if self.rebind_each_run:
             _restore(self._bindings[slot][self.layout_id[pos]])
         out = self.templates[slot][self.layout_id[pos]](*args, **kwargs)
         if cuda:
-            self.computed[slot].record(torch.cuda.current_stream(self.device))
+            c1.record(cur)
+            self.computed[slot].record(cur)
+            self._compute_timing.append((c0, c1))
         self.queue.popleft()
         self._fill()
         if cuda and pos == len(self.streamed) - 1:
@@ -542,7 +548,12 @@ class BlockStream:
             nbytes = sum(n for _, _, n in done)
             self.measured = {"copies": len(done), "copy_s": round(ms / 1e3, 5),
                              "link_gb_s": round(nbytes / (ms / 1e3) / 1e9, 2) if ms > 0 else None}
+        cdone = [t for t in self._compute_timing if t[1].query()]
+        if cdone:  # the streamed blocks' compute over the same window: copies hide when copy_s <= compute_s
+            self.measured["streamed_blocks_compute_s"] = round(sum(s.elapsed_time(e) for s, e in cdone) / 1e3, 5)
+            self.measured["computes"] = len(cdone)
         self._timing = [t for t in self._timing if not t[1].query()]
+        self._compute_timing = [t for t in self._compute_timing if not t[1].query()]
 
     def stats(self) -> dict:
         """Counters, and on CUDA the measured copy time of the last pass (synchronizes)."""
