@@ -107,6 +107,10 @@ def cmd_generate(args) -> int:
         from .gguf_io import read_gguf_type
 
         recipe = recipe.with_(transformer=read_gguf_type(args.gguf))
+    if recipe.offload_kind == "stream" and recipe.stream_k is None and not args.vram:
+        from . import stream
+
+        recipe = stream.resolve(recipe)  # no budget: every block streamed; the record prints the resolved stream:K
     if args.vram:
         if args.recipe or args.gguf:
             raise InputError("--vram picks the recipe itself; drop --recipe/--gguf, or drop --vram to run yours")
