@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTENSION_MODULES = ("quant_cli", "bench", "report", "plan")
+EXTENSION_MODULES = ("quant_cli", "bench", "report", "plan", "codegen")
 
 
 def main(argv: list[str] | None = None) -> int:

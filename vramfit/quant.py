@@ -548,6 +548,11 @@ def _bnb_quantize(module, value, device, compute_dtype):
                  "compress_statistics=False)")
 
 
+def layerwise_skip_patterns(module) -> tuple:
+    """Module-name patterns fp8 layerwise casting leaves in the compute dtype on a transformers text encoder."""
+    return ("norm", "embed", "position", "shared", *(rf"(^|\.){k}$" for k in _not_convert_keys(module)))
+
+
 def _layerwise(module, component, value, device, compute_dtype):
     storage = torch.float8_e5m2 if value.endswith("e5m2") else torch.float8_e4m3fn
     # cast where the weights are, then move the fp8 weights: the bf16 component never sits whole on the device
@@ -559,7 +564,7 @@ def _layerwise(module, component, value, device, compute_dtype):
 
     # transformers text encoders: diffusers' hook on any nn.Module; keep norms, embeddings and the model's
     # keep-in-fp32 modules (T5's wo: T5 casts its input to wo's weight dtype) in the compute dtype
-    skip = ("norm", "embed", "position", "shared", *(rf"(^|\.){k}$" for k in _not_convert_keys(module)))
+    skip = layerwise_skip_patterns(module)
     apply_layerwise_casting(module, storage_dtype=storage, compute_dtype=compute_dtype, skip_modules_pattern=skip)
     module.to(device)
     return (f"diffusers.hooks.apply_layerwise_casting(storage_dtype={storage}, compute_dtype={compute_dtype}, "
