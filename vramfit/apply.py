@@ -8,6 +8,7 @@ any heavy work with a RecipeError that gives the reason and an alternative -- ne
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -80,8 +81,28 @@ def problems(components: dict[str, str], offload: str, compile: str, attention: 
         yield reason, alt
 
 
+# Recipe keys whose applying code is not part of this build yet: refused (never silently ignored) until it is.
+NOT_IN_THIS_BUILD = {
+    "compile_vae": "compile_vae=on", "fuse_qkv": "fuse_qkv=on", "cache": "cache=...", "host_sync": "host_sync=avoid",
+}
+
+
+def _unbuilt(recipe: Recipe):
+    default = Recipe()
+    for key, shown in NOT_IN_THIS_BUILD.items():
+        if getattr(recipe, key) != getattr(default, key):
+            yield f"{shown} is not implemented in this build", f"leave {key} at {getattr(default, key)}"
+    if recipe.compile_graphs or recipe.compile_autotune:
+        yield (f"compile={recipe.compile}: CUDA graphs / max-autotune are not implemented in this build",
+               f"compile={recipe.compile_scope}")
+    if recipe.offload_kind == "stream" and importlib.util.find_spec("vramfit.stream") is None:
+        yield "offload=stream: the streaming executor is not part of this build", "offload=group-leaf or offload=model"
+
+
 def check(recipe: Recipe, device: torch.device) -> dict:
     """Refuse what cannot run on this device, with reason and alternative. Returns dynamo settings to apply."""
+    for reason, alt in _unbuilt(recipe):
+        raise RecipeError(f"{reason}. Alternative: {alt}")
     if device.type == "cuda" and recipe.attention != "native":
         try:
             from diffusers.models.attention_dispatch import _check_attention_backend_requirements
@@ -89,7 +110,8 @@ def check(recipe: Recipe, device: torch.device) -> dict:
             _check_attention_backend_requirements(recipe.attention)
         except (RuntimeError, ImportError, ValueError) as e:
             raise RecipeError(f"attention={recipe.attention} cannot run here: {e}. Alternative: attention=native")
-    for reason, alt in problems(recipe.components, recipe.offload, recipe.compile, recipe.attention, device.type):
+    for reason, alt in problems(recipe.components, recipe.offload_kind, recipe.compile_scope, recipe.attention,
+                                device.type):
         raise RecipeError(f"{reason}. Alternative: {alt}")
     return _dynamo_for(recipe, quant_module() if recipe.quantized() else None, device.type)
 
@@ -116,7 +138,8 @@ def compat_matrix(device_type: str = "cuda") -> list[dict]:
 def _dynamo_for(recipe: Recipe, q, device_type: str = "cuda") -> dict:
     if recipe.compile == "off":
         return {}
-    settings = dict(q.dynamo_settings(recipe.components, recipe.offload, recipe.compile, device_type)) if q else {}
+    settings = (dict(q.dynamo_settings(recipe.components, recipe.offload_kind, recipe.compile_scope, device_type))
+                if q else {})
     if recipe.offload != "none" and "cache_size_limit" not in settings:
         # offload hooks add guards on module devices; the default limit of 8 recompiles falls back to eager
         settings["cache_size_limit"] = 64
@@ -409,8 +432,8 @@ def apply_runtime_options(pipe, recipe: Recipe, manifest: Manifest, components=N
     """VAE decode mode, attention backend and compile: applied to whichever components are loaded."""
     loaded = components if components is not None else {c: getattr(pipe, c) for c in models.COMPONENTS}
     vae = loaded.get("vae")
-    if vae is not None and recipe.vae_mode != "none":
-        if recipe.vae_mode == "tiling":
+    if vae is not None and recipe.vae_decode != "none":
+        if recipe.vae_decode == "tiling":
             vae.enable_tiling()
             manifest.add("vae", mode="tiling", api="vae.enable_tiling()", verified=bool(vae.use_tiling))
         else:
