@@ -102,9 +102,12 @@ def generate_code(spec, weights, recipe, req, device, form: str = "mapping", ima
     from .gguf_io import DIFFUSERS_CONVERTER_INNER_DIM
 
     q = apply.quant_module()
-    offload = getattr(recipe, "offload_kind", recipe.offload)
-    compile_scope = getattr(recipe, "compile_scope", recipe.compile)
-    vae_decode = getattr(recipe, "vae_decode", getattr(recipe, "vae_mode", "none"))
+    offload, compile_scope, vae_decode = recipe.offload_kind, recipe.compile_scope, recipe.vae_decode
+    for reason, alt in apply._unbuilt(recipe):
+        # what generate refuses is refused here too; stream and cache= are vramfit's own steps: printed as a
+        # comment with the nearest stock equivalent
+        if not (reason.startswith("offload=stream") or reason.startswith("cache=")):
+            raise RecipeError(f"{reason}. Alternative: {alt}")
     for reason, alt in apply.problems(recipe.components, offload if offload != "stream" else "group-block",
                                       compile_scope, recipe.attention, device.type):
         raise RecipeError(f"{reason}. Alternative: {alt}")
@@ -255,9 +258,7 @@ def _runtime(c: _Code, recipe, vae_decode: str, compile_scope: str) -> None:
         c.add("pipe.vae.enable_slicing()")
     if recipe.attention != "native":
         c.add(f"pipe.transformer.set_attention_backend({recipe.attention!r})")
-    if getattr(recipe, "fuse_qkv", "off") == "on":
-        c.add("pipe.transformer.fuse_qkv_projections()")
-    cache = getattr(recipe, "cache", "none")
+    cache = recipe.cache
     if cache != "none":
         kind, _, arg = cache.partition(":")
         stock = {"fbc": ("FirstBlockCacheConfig", f"threshold={arg}"),
@@ -267,18 +268,11 @@ def _runtime(c: _Code, recipe, vae_decode: str, compile_scope: str) -> None:
         if stock:
             c.need(f"from diffusers import {stock[0]}")
             c.add(f"pipe.transformer.enable_cache({stock[0]}({stock[1]}))")
-    mode = ", mode='max-autotune'" if getattr(recipe, "compile_autotune", False) else ""
-    if getattr(recipe, "compile_graphs", False):
-        mode = ", mode='max-autotune'" if mode else ", mode='reduce-overhead'"  # both use CUDA graphs
     if compile_scope == "regional":
         c.add("# in place: assigning a compiled wrapper would break offload hooks",
-              f"pipe.transformer.compile_repeated_blocks(fullgraph=True{mode})")
+              "pipe.transformer.compile_repeated_blocks(fullgraph=True)")
     elif compile_scope == "full":
-        c.add(f"pipe.transformer.compile(fullgraph=True{mode})")
+        c.add("pipe.transformer.compile(fullgraph=True)")
     if compile_scope != "off":
         c.add("# vramfit's compile cache (torch.compiler.save/load_cache_artifacts) is not part of this program; "
               "the first call compiles")
-    if getattr(recipe, "compile_vae", "off") == "on":
-        c.add("pipe.vae.decoder.compile()")
-    if getattr(recipe, "host_sync", "keep") == "avoid":
-        c.add("pipe.scheduler.set_begin_index(0)  # no host sync to look up the step index")
