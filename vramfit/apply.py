@@ -268,10 +268,9 @@ def load_pipeline(spec: ModelSpec, weights: Weights, recipe: Recipe, device: tor
     kwargs: dict = {"torch_dtype": torch_dtype}
     if pq is not None:
         kwargs["quantization_config"] = pq
-    if device.type == "cuda" and any(models.quantizes_on_cuda_only(cfg) for cfg in configs.values()):
-        # the quantizer only runs on CUDA (torchao int4 tinygemm packing, fp8 dynamic): every component loads
-        # straight onto the GPU, each weight quantized as it lands; an offload strategy then moves them out
-        kwargs["device_map"] = device.type
+    device_map = pipeline_device_map(recipe, device, configs)
+    if device_map:
+        kwargs["device_map"] = device_map
     extra = {}
     if gguf_file:
         extra["transformer"] = _load_gguf(spec, gguf_file, recipe.transformer,
@@ -307,6 +306,20 @@ def load_pipeline(spec: ModelSpec, weights: Weights, recipe: Recipe, device: tor
         _after_load(module, c, value, target, manifest, configs.get(c))
         models.place(module, target)
     return pipe
+
+
+def pipeline_device_map(recipe: Recipe, device: torch.device, configs: dict) -> str | None:
+    """``device_map`` for ``FluxPipeline.from_pretrained``: "cuda" when every component ends up on the GPU
+    (no offload strategy) or a quantizer runs on CUDA only (torchao int4 tinygemm packing, fp8 dynamic); each
+    weight then lands on the GPU and is quantized there (see ``models.pretrained_load_kwargs``), and an offload
+    strategy moves the components out afterwards. diffusers takes only the device type here ("cuda" = the
+    current CUDA device). None: load into host memory (offload strategies keep the weights there)."""
+    if device.type != "cuda":
+        return None
+    resident = all(load_device_for(recipe, device, c).type == "cuda" for c in models.COMPONENTS)
+    if resident or any(models.quantizes_on_cuda_only(cfg) for cfg in configs.values()):
+        return device.type
+    return None
 
 
 def _config_dict(cfg) -> dict:

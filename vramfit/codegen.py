@@ -160,8 +160,10 @@ def generate_code(spec, weights, recipe, req, device, form: str = "mapping", ima
     if configs:
         load_args.append("quantization_config=quantization_config")
     load_args.append(f"torch_dtype={torch_dtype}")
-    if device.type == "cuda" and any(models.quantizes_on_cuda_only(cfg) for cfg in configs.values()):
-        load_args.append(f"device_map={device.type!r}  # this quantizer runs on CUDA only: quantize as weights land")
+    device_map = apply.pipeline_device_map(recipe, device, configs)
+    if device_map:
+        c.add("# device_map: every weight lands on the GPU as it is read (and is quantized there)")
+        load_args.append(f"device_map={device_map!r}")
     c.need("from diffusers import FluxPipeline")
     if recipe.transformer.startswith("gguf-"):
         if not gguf_file:
