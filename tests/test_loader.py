@@ -102,13 +102,22 @@ def test_place_moves_everything_but_what_bitsandbytes_placed():
     assert models.place(m, dev).moved_to is None  # bnb placed itself; 8-bit refuses .to()
 
 
-def test_cuda_only_quantizers_load_straight_onto_the_gpu():
+def test_quantize_on_load_onto_a_gpu_lands_each_weight_there():
     dev = torch.device("cuda")
-    int4 = quant.quantization_config("torchao-int4wo", "transformer")
-    kw = models.pretrained_load_kwargs("transformer", torch.bfloat16, dev, int4)
-    assert kw["device_map"] == {"": dev} and kw["low_cpu_mem_usage"]
-    int8 = quant.quantization_config("torchao-int8wo", "transformer")
-    assert "device_map" not in models.pretrained_load_kwargs("transformer", torch.bfloat16, dev, int8)
+    for value in ("torchao-int4wo", "torchao-int8wo", "quanto-int8"):
+        cfg = quant.quantization_config(value, "transformer")
+        kw = models.pretrained_load_kwargs("transformer", torch.bfloat16, dev, cfg)
+        assert kw["device_map"] == {"": dev} and kw["low_cpu_mem_usage"]
+        assert "device_map" not in models.pretrained_load_kwargs("transformer", torch.bfloat16, CPU, cfg)
+    assert models.quantizes_on_cuda_only(quant.quantization_config("torchao-int4wo", "transformer"))
+    assert not models.quantizes_on_cuda_only(quant.quantization_config("torchao-int8wo", "transformer"))
+    # the pipeline: straight onto the GPU when everything is resident, or the quantizer is CUDA-only
+    nf = Recipe.parse("transformer=torchao-int8wo")
+    assert apply.pipeline_device_map(nf, dev, {}) == "cuda"
+    assert apply.pipeline_device_map(nf.with_(offload="model"), dev, {"transformer": 0}) is None
+    int4 = {"transformer": quant.quantization_config("torchao-int4wo", "transformer")}
+    assert apply.pipeline_device_map(Recipe.parse("transformer=torchao-int4wo,offload=model"), dev, int4) == "cuda"
+    assert apply.pipeline_device_map(nf, CPU, {}) is None
 
 
 def test_prequantized_dir_without_vramfit_json_records_what_it_holds(tmp_path, capsys):
@@ -155,7 +164,7 @@ def test_from_pretrained_with_a_quantization_config_is_placed(ckpt, monkeypatch)
     # the H200 bug: with a quantization_config the component was never moved ("mat2 is on cpu")
     seen = []
     real = models.place
-    monkeypatch.setattr(models, "place", lambda m, d: seen.append(d) or real(m, CPU))
+    monkeypatch.setattr(models, "place", lambda m, d: seen.append(d) or real(m, d))
     cfg = quant.quantization_config("torchao-int8wo", "transformer")
-    m = models.load_pretrained_component(str(ckpt), "transformer", torch.bfloat16, torch.device("cuda"), cfg)
-    assert seen == [torch.device("cuda")] and quant.quantized_classes(m)
+    m = models.load_pretrained_component(str(ckpt), "transformer", torch.bfloat16, CPU, cfg)
+    assert seen == [CPU] and quant.quantized_classes(m)  # placed through the one placement point

@@ -302,7 +302,13 @@ def pretrained_load_kwargs(component: str, dtype, device, quantization_config=No
     makes that device the GPU: each weight is quantized there as it lands (GPU peak = the quantized component +
     one bf16 tensor, and the GPU's kernels quantize 12 B parameters in seconds where the CPU takes minutes; some
     packings exist only on CUDA: torchao int4 tinygemm, fp8 dynamic). Into host memory (offload strategies) the
-    quantizer runs on the CPU and ``place`` leaves the quantized result there."""
+    quantizer runs on the CPU and ``place`` leaves the quantized result there.
+
+    Measured on CPU (a 6-block slice of flux-dev's T5-XXL, 2.58 GB in bf16, torch 2.13, transformers 5): a plain
+    bf16 load adds 0.19 GB of RSS (the safetensors file is mapped, tensors are paged in when first touched);
+    torchao-int8wo quantize-on-load ends with RssAnon 1.42 GB = the quantized weights, plus RssFile 2.45 GB =
+    the file's pages, read once and still mapped (clean page cache the OS can drop), peak RSS 4.26 GB; quanto-int8
+    peaks at 3.64 GB. So host memory never holds a private bf16 copy of the component."""
     kwargs = {"subfolder": component, "low_cpu_mem_usage": True}
     kwargs["dtype" if component.startswith("text_encoder") else "torch_dtype"] = dtype
     if quantization_config is not None:
