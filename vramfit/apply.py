@@ -48,8 +48,11 @@ def quant_module():
 # checks before any heavy work
 
 
-def problems(components: dict[str, str], offload: str, compile: str, attention: str, device_type: str):
+def problems(components: dict[str, str], offload: str, compile: str, attention: str, device_type: str,
+             installed: bool = True):
     """Yield (reason, alternative) for every reason this combination cannot run on ``device_type``.
+    ``installed=False`` leaves out what depends on this machine (libraries installed here, the local GPU): the
+    planner judges a named GPU that way.
 
     The one rule set behind both the refusals (``check``) and ``vramfit recipes``' matrix (``compat_matrix``).
     """
@@ -69,13 +72,15 @@ def problems(components: dict[str, str], offload: str, compile: str, attention: 
         return
     q = quant_module()
     if q is None:
+        if not installed:
+            return
         comp, value = next(iter(quantized.items()))
         yield f"{comp}={value}: quantization is not yet supported in this build", \
             f"{comp}=bf16 with offload=model or offload=group-block to fit less memory"
         return
     # the CPU-offload refusal above already covers quant's own accelerator-offload rule
     seen_cpu_offload = device_type != "cuda" and offload in ACCELERATOR_OFFLOADS
-    for reason, alt in q._problems(components, offload, compile, device_type, installed=True):
+    for reason, alt in q._problems(components, offload, compile, device_type, installed=installed):
         if seen_cpu_offload and reason.startswith(f"offload={offload} moves weights"):
             continue
         yield reason, alt
@@ -146,19 +151,47 @@ def _dynamo_for(recipe: Recipe, q, device_type: str = "cuda") -> dict:
     return settings
 
 
-def apply_dynamo_settings(settings: dict, manifest: Manifest) -> None:
-    """Plain keys are ``torch._dynamo.config`` attributes; ``torch.``-prefixed keys are full attribute paths."""
-    if not settings:
-        return
+# (object, attribute, previous value) of every setting apply_dynamo_settings changed, in order: a recipe that
+# fails (generate --vram falls back on out-of-memory) must not leave its compiler settings on for the next one
+_DYNAMO_JOURNAL: list[tuple] = []
+
+
+def _dynamo_target(key: str):
     import torch._dynamo
 
+    obj, attr = torch._dynamo.config, key
+    if key.startswith("torch."):
+        *path, attr = key.split(".")[1:]
+        obj = torch
+        for part in path:
+            obj = getattr(obj, part)
+    return obj, attr
+
+
+def dynamo_mark() -> int:
+    """A point to return to with ``restore_dynamo_settings``."""
+    return len(_DYNAMO_JOURNAL)
+
+
+def restore_dynamo_settings(mark: int) -> dict:
+    """Undo every setting ``apply_dynamo_settings`` changed since ``mark``, newest first; returns {key: value put
+    back}."""
+    restored = {}
+    while len(_DYNAMO_JOURNAL) > mark:
+        obj, attr, old, key = _DYNAMO_JOURNAL.pop()
+        setattr(obj, attr, old)
+        restored[key] = old
+    return restored
+
+
+def apply_dynamo_settings(settings: dict, manifest: Manifest) -> None:
+    """Plain keys are ``torch._dynamo.config`` attributes; ``torch.``-prefixed keys are full attribute paths.
+    The previous values are journaled (``dynamo_mark`` / ``restore_dynamo_settings``)."""
+    if not settings:
+        return
     for k, v in settings.items():
-        obj, attr = torch._dynamo.config, k
-        if k.startswith("torch."):
-            *path, attr = k.split(".")[1:]
-            obj = torch
-            for part in path:
-                obj = getattr(obj, part)
+        obj, attr = _dynamo_target(k)
+        _DYNAMO_JOURNAL.append((obj, attr, getattr(obj, attr), k))
         setattr(obj, attr, v)
     manifest.add("dynamo-config", settings=settings,
                  api="torch._dynamo.config.<key> = <value>; torch.<path> = <value> for full paths")
