@@ -308,7 +308,8 @@ def load_pipeline(spec: ModelSpec, weights: Weights, recipe: Recipe, device: tor
     if gguf_file:
         extra["transformer"] = _load_gguf(spec, gguf_file, recipe.transformer,
                                           load_device_for(recipe, device, "transformer"), manifest)
-    pipe = FluxPipeline.from_pretrained(weights.path, **kwargs, **extra)
+    with _no_load_progress_bars():
+        pipe = FluxPipeline.from_pretrained(weights.path, **kwargs, **extra)
     if pq is not None:
         quantized = {c: (_describe(getattr(pipe, c)).get("quantized_classes") or {}) for c in configs}
         form_api = ("quant_mapping={" + ", ".join(f"{c!r}: {type(cfg).__name__}(...)" for c, cfg in configs.items())
@@ -339,6 +340,24 @@ def load_pipeline(spec: ModelSpec, weights: Weights, recipe: Recipe, device: tor
         _after_load(module, c, value, target, manifest, configs.get(c))
         models.place(module, target)
     return pipe
+
+
+class _no_load_progress_bars:
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" bars are not vramfit's lines
+    (quiet start-up): off while loading, restored after."""
+
+    def __enter__(self):
+        from diffusers.utils import logging as dl
+        from transformers.utils import logging as tl
+
+        self.state = [(lib, lib.is_progress_bar_enabled()) for lib in (dl, tl)]
+        for lib, _ in self.state:
+            lib.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        for lib, was in self.state:
+            if was:
+                lib.enable_progress_bar()
 
 
 def pipeline_device_map(recipe: Recipe, device: torch.device, configs: dict) -> str | None:
