@@ -1,16 +1,40 @@
-"""Tests that need a CUDA GPU (skipped elsewhere; run on the device with `pytest -m gpu tests/test_gpu.py`)."""
+"""GPU tests (marker ``gpu``; skipped without CUDA): `PYTHONPATH=$PWD python -m pytest -m gpu -q tests/test_gpu.py`.
+
+The real-loading-path matrix (issue 13): flux-tiny exported to a directory (``vramfit export``); for every
+backend value that runs on CUDA, on each component it applies to (transformer and T5; GGUF: transformer only),
+loaded two ways --
+
+* ``dir``: ``--weights DIR`` with the recipe, quantized on load (``PipelineQuantizationConfig`` for the pipeline,
+  the per-component configs for ``offload=staged``);
+* ``saved``: from ``vramfit quantize``'s output directory (GGUF: a file from ``vramfit export-gguf`` + ``--gguf``),
+
+and generating 2 steps at 64x64 on CUDA with every offload strategy the compatibility rules (``apply.problems``,
+the code behind ``vramfit recipes``) allow, compile off. GGUF: q8_0, q4_1 and q2_k stand for the writable types
+(one per block family; they share the loading path). Counts per cell are printed at the end and written to
+``$VRAMFIT_MATRIX_JSON`` (default ``$OUT/gpu_matrix.json`` when ``$OUT`` is set).
+
+``test_loading_matrix_cpu`` runs a handful of cells of the same code on CPU (not gpu-marked), so the matrix
+logic itself is tested everywhere.
+"""
+
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vramfit import gguf_io, gguf_torch, models
-from vramfit.recipe import Recipe
+from vramfit import apply, cli, gguf_io, gguf_torch, models, quant
+from vramfit.recipe import OFFLOADS, Recipe
 from vramfit.run import Runner, request_for
 
-pytestmark = pytest.mark.gpu
+gpu = pytest.mark.gpu
+GGUF_SAMPLE = ("gguf-q8_0", "gguf-q4_1", "gguf-q2_k")
+RESULTS: dict[str, dict] = {}
 
 
+@gpu
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_1", "q4_0", "q5_1", "q5_0", "q4_k", "q2_k"])
 def test_cuda_gguf_quantizers_match_numpy_bytes(qtype):
     g = torch.Generator().manual_seed(0)
@@ -20,6 +44,7 @@ def test_cuda_gguf_quantizers_match_numpy_bytes(qtype):
     assert np.array_equal(got, want)
 
 
+@gpu
 @pytest.mark.parametrize("recipe", ["offload=model", "offload=sequential", "offload=group-block",
                                     "offload=group-leaf", "offload=staged"])
 def test_offload_strategies_bit_identical_on_gpu(recipe):
@@ -31,3 +56,155 @@ def test_offload_strategies_bit_identical_on_gpu(recipe):
     got = Runner(spec, w, Recipe.parse(recipe), dev, progress=False).generate(req)
     assert torch.equal(ref.latents, got.latents)
     assert np.array_equal(np.asarray(ref.image), np.asarray(got.image))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the real-loading-path matrix
+
+
+def recipe_for(value: str) -> Recipe:
+    spec = quant.get_spec(value)
+    comps = {"transformer": value}
+    if "text_encoder_2" in spec.components and spec.family != "gguf":
+        comps["text_encoder_2"] = value
+    return Recipe(**comps)
+
+
+def matrix_values() -> list[str]:
+    out = []
+    for value, spec in quant.BACKENDS.items():
+        if spec.family == "gguf" and value not in GGUF_SAMPLE:
+            continue
+        out.append(value)
+    return out
+
+
+def allowed(value: str, offload: str, device_type: str) -> bool:
+    r = recipe_for(value).with_(offload=offload)
+    if any(True for _ in apply._unbuilt(r)):
+        return False
+    return not list(apply.problems(r.components, r.offload_kind, "off", "native", device_type))
+
+
+def cells(device_type: str) -> list[tuple[str, str, str]]:
+    return [(v, o, src) for v in matrix_values() for o in OFFLOADS if allowed(v, o, device_type)
+            for src in ("dir", "saved")]
+
+
+class Checkpoints:
+    """flux-tiny exported once; per value its ``vramfit quantize`` directory or ``export-gguf`` file, made once."""
+
+    def __init__(self, root: Path, device: str):
+        self.root, self.device = root, device
+        self.dir = root / "export"
+        assert cli.main(["export", "flux-tiny", "--out", str(self.dir)]) == 0
+        self._saved: dict[str, Path] = {}
+
+    def saved(self, value: str) -> Path:
+        if value not in self._saved:
+            if value.startswith("gguf-"):
+                out = self.root / f"{value}.gguf"
+                code = cli.main(["export-gguf", "flux-tiny", "--weights", str(self.dir), "--type",
+                                 value.removeprefix("gguf-"), "--out", str(out)])
+            else:
+                out = self.root / f"q-{value}"
+                rec = recipe_for(value)
+                items = ",".join(f"{c}={v}" for c, v in rec.quantized().items())
+                code = cli.main(["quantize", "flux-tiny", "--weights", str(self.dir), "--recipe", items,
+                                 "--device", self.device, "--out", str(out)])
+            assert code == 0, f"writing the {value} checkpoint failed"
+            self._saved[value] = out
+        return self._saved[value]
+
+
+def run_cell(ck: Checkpoints, value: str, offload: str, source: str, device: torch.device) -> dict:
+    spec = models.get_model("flux-tiny")
+    recipe = recipe_for(value).with_(offload=offload)
+    gguf_file = None
+    if source == "saved" and value.startswith("gguf-"):
+        gguf_file = str(ck.saved(value))
+        weights = models.resolve_weights(spec, str(ck.dir))
+    elif source == "saved":
+        weights = models.resolve_weights(spec, str(ck.saved(value)))
+        recipe = cli.resolve_recipe(f"offload={offload}", weights)  # what the checkpoint holds
+        assert recipe.quantized() == recipe_for(value).quantized()
+    else:
+        weights = models.resolve_weights(spec, str(ck.dir))
+    runner = Runner(spec, weights, recipe, device, gguf_file=gguf_file, progress=False)
+    res = runner.generate(request_for(spec, "a red fox", steps=2, height=64, width=64))
+    rec = res.record
+    assert rec["latents"]["finite"]
+    steps = rec["manifest"]
+    if source == "dir" and offload != "staged" and quant.get_spec(value).family in ("bnb", "torchao", "quanto"):
+        [pq] = [s for s in steps if s["step"] == "pipeline-quantization"]
+        assert pq["verified"] and set(pq["configs"]) == set(recipe.quantized())
+    quantized_somewhere = [s for s in steps if s.get("quantized_classes") or (s["step"] == "quantize"
+                                                                                and s.get("quantized_modules"))]
+    assert quantized_somewhere, "no quantized layers recorded"
+    if offload == "none" and device.type == "cuda":
+        # the H200 bug: quantized components left on the CPU
+        tr = runner.pipe.transformer
+        assert all(p.device.type == "cuda" for p in tr.parameters()), "transformer weights left off the GPU"
+    runner.close()
+    return {"s_per_step": rec["timings"]["s_per_step"], "sha": rec["latents"]["sha256"]}
+
+
+def record(value, offload, source, fn):
+    key = f"{value}|{offload}|{source}"
+    try:
+        info = fn()
+    except BaseException as e:  # noqa: BLE001 - counted, then re-raised so pytest reports it
+        RESULTS[key] = {"value": value, "offload": offload, "source": source, "ok": False,
+                        "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        raise
+    RESULTS[key] = {"value": value, "offload": offload, "source": source, "ok": True, **info}
+
+
+@pytest.fixture(scope="module")
+def summary(request):
+    yield RESULTS
+    if not RESULTS:
+        return
+    passed = sum(r["ok"] for r in RESULTS.values())
+    lines = [f"loading matrix: {passed} passed, {len(RESULTS) - passed} failed of {len(RESULTS)} cells"]
+    by_source: dict = {}
+    for r in RESULTS.values():
+        d = by_source.setdefault(r["source"], [0, 0])
+        d[0 if r["ok"] else 1] += 1
+    lines += [f"  source={s}: {p} passed, {f} failed" for s, (p, f) in sorted(by_source.items())]
+    lines += [f"  FAILED {k}: {r['error']}" for k, r in RESULTS.items() if not r["ok"]]
+    target = os.environ.get("VRAMFIT_MATRIX_JSON") or (str(Path(os.environ["OUT"]) / "gpu_matrix.json")
+                                                      if os.environ.get("OUT") else None)
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(json.dumps({"passed": passed, "failed": len(RESULTS) - passed,
+                                            "cells": list(RESULTS.values())}, indent=1) + "\n")
+        lines.append(f"  written to {target}")
+    tr = request.config.pluginmanager.getplugin("terminalreporter")
+    for line in lines:
+        (tr.write_line if tr else print)(line)
+
+
+@pytest.fixture(scope="module")
+def gpu_checkpoints(tmp_path_factory):
+    return Checkpoints(tmp_path_factory.mktemp("gpu-matrix"), "cuda")
+
+
+@gpu
+@pytest.mark.parametrize("value,offload,source", cells("cuda"))
+def test_loading_matrix_gpu(gpu_checkpoints, summary, value, offload, source):
+    record(value, offload, source, lambda: run_cell(gpu_checkpoints, value, offload, source, torch.device("cuda")))
+
+
+CPU_CELLS = [("torchao-int8wo", "none", "dir"), ("quanto-int8", "staged", "dir"), ("fp8-layerwise", "none", "saved"),
+             ("torchao-int8wo", "staged", "saved"), ("gguf-q8_0", "none", "saved")]
+
+
+def test_loading_matrix_cpu(tmp_path, summary):
+    allowed_here = {c for c in cells("cpu")}
+    assert set(CPU_CELLS) <= allowed_here  # the rules allow them on CPU
+    assert not any(o in ("model", "group-block") for _, o, _ in allowed_here)  # accelerator offloads refused
+    ck = Checkpoints(tmp_path, "cpu")
+    for value, offload, source in CPU_CELLS:
+        record(value, offload, source, lambda: run_cell(ck, value, offload, source, torch.device("cpu")))
+    assert all(RESULTS[f"{v}|{o}|{s}"]["ok"] for v, o, s in CPU_CELLS)

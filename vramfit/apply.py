@@ -213,21 +213,31 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def component_quantization_config(recipe: Recipe, weights: Weights, component: str):
+    """The quantize-on-load config of one component (``from_pretrained(quantization_config=...)``), or None: for
+    precisions, for steps applied after loading (fp8 layerwise casting is not a quantizer; GGUF is a file format
+    loaded by ``from_single_file``), and for a component the checkpoint holds pre-quantized (it loads as saved).
+    The one source of the configs, for the pipeline-level ``PipelineQuantizationConfig`` and for per-component
+    loading (staged, and later serve and stream)."""
+    value = getattr(recipe, component)
+    q = quant_module() if value not in PRECISIONS else None
+    if q is None or q.get_spec(value).family in ("layerwise", "gguf"):
+        return None
+    if models.saved_quantization(weights, component) is not None:
+        return None
+    return q.quantization_config(value, component)
+
+
 def load_component(
     spec: ModelSpec, weights: Weights, recipe: Recipe, component: str, device: torch.device,
     manifest: Manifest, gguf_file: str | None = None,
 ) -> torch.nn.Module:
-    """Build or load one component as the recipe says, on ``device``, quantized if asked."""
+    """Build or load one component as the recipe says, quantized if asked, placed on ``device``."""
     value = getattr(recipe, component)
     dtype = DTYPES.get(value, torch.bfloat16)  # quantized components compute in bf16
     q = quant_module() if value not in PRECISIONS else None
     if component == "transformer" and gguf_file:
-        from .gguf_io import load_gguf_transformer
-
-        module = load_gguf_transformer(gguf_file, spec.config_dir / "transformer", torch.bfloat16, device)
-        manifest.add("load", component=component, source=f"gguf:{gguf_file}", value=value,
-                     api="FluxTransformer2DModel.from_single_file(quantization_config=GGUFQuantizationConfig)",
-                     **_describe(module))
+        module = _load_gguf(spec, gguf_file, value, device, manifest)
         return module
     if weights.kind == "random":
         # a stand-in to be quantized is built in host memory and quantized onto the device layer by layer, as
@@ -250,17 +260,137 @@ def load_component(
     # hub id or local directory: the real from_pretrained path, quantizing on load where the backend can.
     # A pre-quantized checkpoint (vramfit quantize) carries its quantization_config: it loads as saved.
     prequantized = models.saved_quantization(weights, component) is not None
-    qconfig = q.quantization_config(value, component) if q is not None and not prequantized else None
+    qconfig = component_quantization_config(recipe, weights, component)
+    kwargs = models.pretrained_load_kwargs(component, dtype, device, qconfig)
     module = models.load_pretrained_component(weights.path, component, dtype, device, quantization_config=qconfig)
     manifest.add("load", component=component, source=weights.path, dtype=str(dtype), device=str(device),
                  api=f"{type(module).__name__}.from_pretrained(subfolder={component!r})"
                  + (f", quantization_config={type(qconfig).__name__}" if qconfig is not None else "")
+                 + (f", device_map={kwargs['device_map']}" if "device_map" in kwargs else "")
                  + (" (pre-quantized checkpoint: no re-quantization)" if prequantized else ""),
+                 placed="by the backend while loading" if models.placed_by_backend(module) else f"module.to({str(device)!r})",
                  **_describe(module))
-    if q is not None and qconfig is None and not _is_prequantized(module):
-        # backends applied after load (fp8 layerwise casting), or a pre-quantized checkpoint
-        manifest.add(**{"component": component, **q.quantize_component(module, component, value, device)})
+    _after_load(module, component, value, device, manifest, qconfig)
     return module
+
+
+def _after_load(module, component: str, value: str, device, manifest: Manifest, qconfig) -> None:
+    """Steps a recipe value applies after ``from_pretrained``: fp8 layerwise casting (not a quantizer) and GGUF
+    quantization in memory (no GGUF file given); a quantize-on-load or pre-quantized component has none."""
+    q = quant_module() if value not in PRECISIONS else None
+    if q is not None and qconfig is None and not _is_prequantized(module):
+        entry = q.quantize_component(module, component, value, device)
+        entry["when"] = "after from_pretrained (not a quantization config)"
+        manifest.add(**{"component": component, **entry})
+
+
+def _load_gguf(spec: ModelSpec, gguf_file: str, value: str, device, manifest: Manifest):
+    from .gguf_io import load_gguf_transformer
+
+    module = load_gguf_transformer(gguf_file, spec.config_dir / "transformer", torch.bfloat16, device)
+    manifest.add("load", component="transformer", source=f"gguf:{gguf_file}", value=value,
+                 api="FluxTransformer2DModel.from_single_file(quantization_config=GGUFQuantizationConfig)",
+                 **_describe(module))
+    return module
+
+
+def load_pipeline(spec: ModelSpec, weights: Weights, recipe: Recipe, device: torch.device, manifest: Manifest,
+                  gguf_file: str | None = None, form: str = "mapping"):
+    """The whole pipeline at once from a hub id or a local directory, through diffusers' own pipeline-level
+    quantization: ``FluxPipeline.from_pretrained(path, quantization_config=PipelineQuantizationConfig(...),
+    torch_dtype=...)`` with the per-component configs of ``component_quantization_config``, in either of
+    diffusers' forms (``form``: mapping | backend). Steps that are not quantizers (fp8 layerwise casting) run after
+    loading; then every component is placed where the offload strategy wants it (``models.place``)."""
+    from diffusers import FluxPipeline
+
+    q = quant_module()
+    configs = {c: cfg for c in models.COMPONENTS
+               if (cfg := component_quantization_config(recipe, weights, c)) is not None}
+    pq = q.pipeline_quantization_config(configs, recipe.components, form) if configs else None
+    dtypes = {c: DTYPES.get(getattr(recipe, c), torch.bfloat16) for c in models.COMPONENTS}
+    torch_dtype = dtypes["transformer"] if len(set(dtypes.values())) == 1 else {**dtypes, "default": torch.bfloat16}
+    kwargs: dict = {"torch_dtype": torch_dtype}
+    if pq is not None:
+        kwargs["quantization_config"] = pq
+    device_map = pipeline_device_map(recipe, device, configs)
+    if device_map:
+        kwargs["device_map"] = device_map
+    extra = {}
+    if gguf_file:
+        extra["transformer"] = _load_gguf(spec, gguf_file, recipe.transformer,
+                                          load_device_for(recipe, device, "transformer"), manifest)
+    with _no_load_progress_bars():
+        pipe = FluxPipeline.from_pretrained(weights.path, **kwargs, **extra)
+    if pq is not None:
+        quantized = {c: (_describe(getattr(pipe, c)).get("quantized_classes") or {}) for c in configs}
+        form_api = ("quant_mapping={" + ", ".join(f"{c!r}: {type(cfg).__name__}(...)" for c, cfg in configs.items())
+                    + "}") if form == "mapping" else (
+            f"quant_backend={pq.quant_backend!r}, quant_kwargs={{...}}, components_to_quantize={pq.components_to_quantize}")
+        manifest.add("pipeline-quantization", form=form,
+                     api=f"FluxPipeline.from_pretrained(path, quantization_config=PipelineQuantizationConfig("
+                         f"{form_api}), torch_dtype=...)" + (f", device_map={kwargs['device_map']!r}"
+                                                            if "device_map" in kwargs else ""),
+                     configs={c: {"value": getattr(recipe, c), "class": f"{type(cfg).__module__.split('.')[0]}."
+                                  f"{type(cfg).__name__}", "config": _config_dict(cfg)} for c, cfg in configs.items()},
+                     quantized_classes=quantized, verified=all(quantized.values()))
+        if not manifest.steps[-1]["verified"]:
+            raise RuntimeError(f"PipelineQuantizationConfig was passed but {[c for c, v in quantized.items() if not v]} "
+                               "came back unquantized")
+    for c in models.COMPONENTS:
+        module = getattr(pipe, c).eval().requires_grad_(False)
+        if c == "transformer" and gguf_file:
+            continue
+        value = getattr(recipe, c)
+        target = load_device_for(recipe, device, c)
+        prequantized = models.saved_quantization(weights, c) is not None
+        manifest.add("load", component=c, source=weights.path, dtype=str(dtypes[c]), device=str(target),
+                     api=f"FluxPipeline.from_pretrained -> {type(module).__name__}"
+                     + (" via PipelineQuantizationConfig" if c in configs else "")
+                     + (" (pre-quantized checkpoint: no re-quantization)" if prequantized else ""),
+                     **_describe(module))
+        _after_load(module, c, value, target, manifest, configs.get(c))
+        models.place(module, target)
+    return pipe
+
+
+class _no_load_progress_bars:
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" bars are not vramfit's lines
+    (quiet start-up): off while loading, restored after."""
+
+    def __enter__(self):
+        from diffusers.utils import logging as dl
+        from transformers.utils import logging as tl
+
+        self.state = [(lib, lib.is_progress_bar_enabled()) for lib in (dl, tl)]
+        for lib, _ in self.state:
+            lib.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        for lib, was in self.state:
+            if was:
+                lib.enable_progress_bar()
+
+
+def pipeline_device_map(recipe: Recipe, device: torch.device, configs: dict) -> str | None:
+    """``device_map`` for ``FluxPipeline.from_pretrained``: "cuda" when every component ends up on the GPU
+    (no offload strategy) or a quantizer runs on CUDA only (torchao int4 tinygemm packing, fp8 dynamic); each
+    weight then lands on the GPU and is quantized there (see ``models.pretrained_load_kwargs``), and an offload
+    strategy moves the components out afterwards. diffusers takes only the device type here ("cuda" = the
+    current CUDA device). None: load into host memory (offload strategies keep the weights there)."""
+    if device.type != "cuda":
+        return None
+    resident = all(load_device_for(recipe, device, c).type == "cuda" for c in models.COMPONENTS)
+    if resident or any(models.quantizes_on_cuda_only(cfg) for cfg in configs.values()):
+        return device.type
+    return None
+
+
+def _config_dict(cfg) -> dict:
+    try:
+        d = cfg.to_dict()
+    except Exception:  # noqa: BLE001 - a config that cannot serialize is recorded by its repr
+        return {"repr": repr(cfg)}
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in d.items()}
 
 
 def _is_prequantized(module) -> bool:
@@ -326,12 +456,18 @@ def load_device_for(recipe: Recipe, device: torch.device, component: str) -> tor
     return device
 
 
-def build_pipeline(spec, weights, recipe: Recipe, device: torch.device, manifest: Manifest, gguf_file=None):
-    comps = {
-        c: load_component(spec, weights, recipe, c, load_device_for(recipe, device, c), manifest, gguf_file)
-        for c in models.COMPONENTS
-    }
-    pipe = assemble(spec, weights, comps)
+def build_pipeline(spec, weights, recipe: Recipe, device: torch.device, manifest: Manifest, gguf_file=None,
+                   form: str = "mapping"):
+    """Everything at once (every offload strategy but staged): a hub id or a directory through ``load_pipeline``
+    (pipeline-level quantization), random stand-ins component by component; then offload and runtime options."""
+    if weights.kind == "random":
+        comps = {
+            c: load_component(spec, weights, recipe, c, load_device_for(recipe, device, c), manifest, gguf_file)
+            for c in models.COMPONENTS
+        }
+        pipe = assemble(spec, weights, comps)
+    else:
+        pipe = load_pipeline(spec, weights, recipe, device, manifest, gguf_file, form)
     apply_offload(pipe, recipe, device, manifest)
     apply_runtime_options(pipe, recipe, manifest)
     return pipe

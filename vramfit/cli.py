@@ -329,19 +329,23 @@ def oom_message(args, spec, recipe, device, detail: str, done: int = 0) -> str:
 
 
 def resolve_recipe(text: str, weights):
-    """The user's recipe; on a checkpoint written by ``vramfit quantize`` its quantized components are taken as
-    saved (they cannot be re-quantized or de-quantized on load), and a conflicting request is refused."""
+    """The user's recipe, made to say what a local checkpoint really holds: components saved quantized (read from
+    each component's config.json, vramfit.json or not) load as saved and cannot be re-quantized or de-quantized on
+    load, so the recipe takes their values, and a request for another value is refused."""
     from . import models
     from .recipe import Recipe
 
     recipe = Recipe.parse(text)
     saved = models.checkpoint_recipe(weights)
-    asked = Recipe.parse(text).changed() if text else {}
+    asked = recipe.changed() if text else {}
     for comp, value in saved.items():
-        if comp in asked and asked[comp] != value:
-            raise InputError(f"{weights.path} holds {comp}={value} (pre-quantized); the recipe asks {comp}="
-                             f"{asked[comp]}. Drop that item, or write a new checkpoint with vramfit quantize")
-    return recipe.with_(**saved) if saved else recipe
+        if comp in asked and asked[comp] != value and models.saved_quantization(weights, comp) is not None:
+            raise InputError(f"{weights.path} holds {comp}={value} (pre-quantized: {comp}/config.json has its "
+                             f"quantization_config); the recipe asks {comp}={asked[comp]}. Alternative: drop that "
+                             f"item, or quantize a bf16 checkpoint on load (vramfit export, then --weights DIR "
+                             f"--recipe {comp}={asked[comp]})")
+    keep = {c: v for c, v in saved.items() if c not in asked or models.saved_quantization(weights, c) is not None}
+    return recipe.with_(**keep) if keep else recipe
 
 
 def print_summary(rec: dict) -> None:
@@ -474,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTENSION_MODULES = ("quant_cli", "bench", "report", "plan")
+EXTENSION_MODULES = ("quant_cli", "bench", "report", "plan", "codegen")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,6 +247,119 @@ def quantization_config(value: str, component: str, compute_dtype=torch.bfloat16
     raise ValueError(value)
 
 
+def config_source(value: str, component: str) -> tuple[list[str], str]:
+    """``quantization_config(value, component)`` as Python source: (import lines, expression). ``vramfit code``
+    prints it; tests/test_code.py evaluates it and compares with ``quantization_config``'s object."""
+    spec = _check_component(value, component)
+    if spec.family in ("layerwise", "gguf"):
+        raise ValueError(f"{value} has no from_pretrained quantization config")
+    lib = "diffusers" if component in DIFFUSERS_COMPONENTS else "transformers"
+    if spec.family == "bnb":
+        imports = [f"from {lib} import BitsAndBytesConfig as {_alias(lib, 'BitsAndBytesConfig')}"]
+        name = _alias(lib, "BitsAndBytesConfig")
+        if value == "bnb-int8":
+            return imports, f"{name}(load_in_8bit=True)"
+        return imports, (f"{name}(load_in_4bit=True, bnb_4bit_quant_type={_BNB_4BIT[value]!r}, "
+                         "bnb_4bit_compute_dtype=torch.bfloat16)")
+    if spec.family == "torchao":
+        ao_cls, ao_args = {
+            "torchao-int8wo": ("Int8WeightOnlyConfig", ""),
+            "torchao-int4wo": ("Int4WeightOnlyConfig", "group_size=128, int4_packing_format='tile_packed_to_4d'"),
+            "torchao-fp8wo": ("Float8WeightOnlyConfig", ""),
+            "torchao-fp8dq": ("Float8DynamicActivationFloat8WeightConfig", "granularity=PerRow()"),
+            "torchao-fp8dq-tensor": ("Float8DynamicActivationFloat8WeightConfig", "granularity=PerTensor()"),
+            "torchao-int8dq": ("Int8DynamicActivationInt8WeightConfig", ""),
+        }[value]
+        ao_imports = ao_cls + "".join(f", {g}" for g in ("PerRow", "PerTensor") if g + "()" in ao_args)
+        name = _alias(lib, "TorchAoConfig")
+        return ([f"from {lib} import TorchAoConfig as {name}", f"from torchao.quantization import {ao_imports}"],
+                f"{name}(quant_type={ao_cls}({ao_args}))")
+    if spec.family == "quanto":
+        name = _alias(lib, "QuantoConfig")
+        key = "weights_dtype" if lib == "diffusers" else "weights"
+        return [f"from {lib} import QuantoConfig as {name}"], f"{name}({key}={_QUANTO_WEIGHTS[value]!r})"
+    raise ValueError(value)
+
+
+def _alias(lib: str, cls: str) -> str:
+    # diffusers and transformers both name their classes BitsAndBytesConfig/TorchAoConfig/QuantoConfig
+    return ("Diffusers" if lib == "diffusers" else "Transformers") + cls
+
+
+# PipelineQuantizationConfig(quant_backend=...) names (diffusers' AUTO_QUANTIZATION_CONFIG_MAPPING keys)
+_PIPELINE_BACKEND = {"bnb-nf4": "bitsandbytes_4bit", "bnb-fp4": "bitsandbytes_4bit", "bnb-int8": "bitsandbytes_8bit"}
+
+
+def pipeline_backend_source(value: str) -> tuple[str, str]:
+    """(quant_backend, quant_kwargs source) of the ``PipelineQuantizationConfig(quant_backend=...)`` form.
+
+    Only bitsandbytes has it with diffusers 0.42.1 + transformers 5: for torchao and quanto diffusers refuses,
+    'The signatures of the __init__ methods of the quantization config classes in `diffusers` and
+    `transformers` don't match' (and quanto's keyword differs: weights_dtype vs weights)."""
+    spec = get_spec(value)
+    if value not in _PIPELINE_BACKEND:
+        raise RecipeError(
+            f"{value}: PipelineQuantizationConfig(quant_backend=...) cannot express it: diffusers {library_version('diffusers')} "
+            f"refuses the {spec.library} backend form because the diffusers and transformers config classes take "
+            "different arguments. Alternative: --form mapping (quant_mapping={component: config})")
+    _, expr = config_source(value, "transformer")
+    kwargs = expr[expr.index("(") + 1:-1]
+    items = ", ".join(f"{k.strip()!r}: {v.strip()}" for k, v in (kv.split("=", 1) for kv in kwargs.split(", ")))
+    return _PIPELINE_BACKEND[value], "{" + items + "}"
+
+
+def pipeline_quantization_config(configs: dict, values: dict[str, str], form: str = "mapping"):
+    """diffusers' ``PipelineQuantizationConfig`` for loading the whole pipeline at once, in either form:
+    ``mapping`` = ``quant_mapping={component: config}`` (one config per component, any backends);
+    ``backend`` = ``quant_backend=..., quant_kwargs=..., components_to_quantize=[...]`` (one backend and kwargs
+    shared by every quantized component; refused with the reason otherwise). None when nothing is quantized on load.
+    ``configs``: component -> ``quantization_config(...)``; ``values``: component -> recipe value."""
+    from diffusers import PipelineQuantizationConfig
+
+    if not configs:
+        return None
+    if form == "mapping":
+        return PipelineQuantizationConfig(quant_mapping=dict(configs))
+    if form != "backend":
+        raise RecipeError(f"--form {form!r}: choose mapping or backend")
+    distinct = sorted({values[c] for c in configs})
+    if len(distinct) > 1:
+        raise RecipeError(
+            f"form=backend shares one backend and its arguments across components, and this recipe quantizes with "
+            f"{' and '.join(distinct)}. Alternative: --form mapping, or one value for "
+            f"{', '.join(sorted(configs))}")
+    backend, kwargs_src = pipeline_backend_source(distinct[0])
+    kwargs = eval(kwargs_src, {"torch": torch})  # the same source vramfit code prints
+    return PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs,
+                                      components_to_quantize=sorted(configs))
+
+
+def value_of_saved_config(saved: dict | None) -> str | None:
+    """The recipe value a checkpoint's saved ``quantization_config`` (config.json) stands for; None if unknown."""
+    if not saved:
+        return None
+    method = saved.get("quant_method")
+    if method == "bitsandbytes":
+        if saved.get("load_in_8bit"):
+            return "bnb-int8"
+        if saved.get("load_in_4bit"):
+            return {"nf4": "bnb-nf4", "fp4": "bnb-fp4"}.get(saved.get("bnb_4bit_quant_type"))
+        return None
+    if method == "quanto":
+        w = saved.get("weights_dtype", saved.get("weights"))
+        return {v: k for k, v in _QUANTO_WEIGHTS.items()}.get(w)
+    if method == "torchao":
+        qt = saved.get("quant_type")
+        t = qt.get("default", qt).get("_type") if isinstance(qt, dict) else None
+        gran = qt.get("default", qt).get("_data", {}).get("granularity") if isinstance(qt, dict) else None
+        if t == "Float8DynamicActivationFloat8WeightConfig" and isinstance(gran, dict) and gran.get("_type") == "PerTensor":
+            return "torchao-fp8dq-tensor"
+        return {"Int8WeightOnlyConfig": "torchao-int8wo", "Int4WeightOnlyConfig": "torchao-int4wo",
+                "Float8WeightOnlyConfig": "torchao-fp8wo", "Float8DynamicActivationFloat8WeightConfig": "torchao-fp8dq",
+                "Int8DynamicActivationInt8WeightConfig": "torchao-int8dq"}.get(t)
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # storage accounting
 
@@ -443,6 +556,11 @@ def _bnb_quantize(module, value, device, compute_dtype):
                  "compress_statistics=False)")
 
 
+def layerwise_skip_patterns(module) -> tuple:
+    """Module-name patterns fp8 layerwise casting leaves in the compute dtype on a transformers text encoder."""
+    return ("norm", "embed", "position", "shared", *(rf"(^|\.){k}$" for k in _not_convert_keys(module)))
+
+
 def _layerwise(module, component, value, device, compute_dtype):
     storage = torch.float8_e5m2 if value.endswith("e5m2") else torch.float8_e4m3fn
     # cast where the weights are, then move the fp8 weights: the bf16 component never sits whole on the device
@@ -454,7 +572,7 @@ def _layerwise(module, component, value, device, compute_dtype):
 
     # transformers text encoders: diffusers' hook on any nn.Module; keep norms, embeddings and the model's
     # keep-in-fp32 modules (T5's wo: T5 casts its input to wo's weight dtype) in the compute dtype
-    skip = ("norm", "embed", "position", "shared", *(rf"(^|\.){k}$" for k in _not_convert_keys(module)))
+    skip = layerwise_skip_patterns(module)
     apply_layerwise_casting(module, storage_dtype=storage, compute_dtype=compute_dtype, skip_modules_pattern=skip)
     module.to(device)
     return (f"diffusers.hooks.apply_layerwise_casting(storage_dtype={storage}, compute_dtype={compute_dtype}, "

@@ -1,0 +1,272 @@
+"""Issue 13/9 on the H200: every backend loaded from a full-size checkpoint (`--weights DIR`) vs the random stand-in,
+and `vramfit code` programs vs `vramfit generate` on the same checkpoint.
+
+Run (GPU machine, from the repo root):
+    PYTHONPATH=$PWD python3 benchmarks/device_loader.py [--budget-s 480] [--work /tmp/vramfit-loader]
+    PYTHONPATH=$PWD python3 benchmarks/device_loader.py --pytest    # the GPU tests, matrix counts -> $OUT
+    PYTHONPATH=$PWD python3 benchmarks/device_loader.py --smoke     # the same code on flux-tiny, CPU
+
+Steps: `vramfit export flux-dev --weights random --out WORK/flux-dev` (33 GB, built in host memory with values drawn
+on the GPU), `vramfit export-gguf flux-dev --weights WORK/flux-dev --type q4_1` (skipped with a row when it passes
+90 s), then scenarios in priority order, each a fresh `vramfit generate ... --steps 4 --json` subprocess at
+1024x1024 (memory after load, peak incl. load, median s/step, load time), DIR and random back to back so each pair
+gets a "compare" row (the stand-in's promise: memory and s/step within a few %; load time differs and is not
+compared). `code:` rows run the program `vramfit code` prints on the exported checkpoint in a fresh interpreter;
+measurement is added from outside (FluxPipeline.__call__ wrapped to time steps with a callback, CUDA memory stats),
+the program itself is unchanged. Only the transformer and T5 carry the backend (GGUF: transformer only).
+
+When --budget-s (default 480 s) is spent, no new scenario starts: each one left writes a "not run: time" row.
+Rows: one JSON object per line in $OUT/device_loader.jsonl (`kind`: export | export-gguf | generate | code |
+compare | skipped).
+
+Estimated GPU wall time: export ~60-90 s, export-gguf <= 90 s, each generate row ~25-40 s (about 10 s of imports,
+load from the page cache, 4 steps, decode): with the default budget about 10-12 scenario rows run, the rest
+are "not run: time" rows. `--pytest`: about 3-5 minutes (160 matrix cells on flux-tiny plus the older GPU tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a red fox in the snow, photograph"
+
+# (name, recipe) in priority order: first the three backends that failed from a checkpoint on the H200, then the
+# vramfit-code comparison of issue 9, then the rest with offload=none, then offload=model.
+BACKENDS = [
+    ("torchao-int8wo", "transformer=torchao-int8wo,text_encoder_2=torchao-int8wo"),
+    ("quanto-int8", "transformer=quanto-int8,text_encoder_2=quanto-int8"),
+    ("torchao-fp8dq", "transformer=torchao-fp8dq,text_encoder_2=torchao-fp8dq"),
+    ("nf4", "transformer=bnb-nf4,text_encoder_2=bnb-nf4"),
+    ("bnb-int8", "transformer=bnb-int8,text_encoder_2=bnb-int8"),
+    ("fp8-layerwise", "transformer=fp8-layerwise"),  # transformer only (T5 stays bf16)
+    ("torchao-fp8wo", "transformer=torchao-fp8wo,text_encoder_2=torchao-fp8wo"),
+    ("torchao-int4wo", "transformer=torchao-int4wo,text_encoder_2=torchao-int4wo"),
+    ("quanto-fp8", "transformer=quanto-fp8,text_encoder_2=quanto-fp8"),
+    ("gguf-q4_1", "gguf"),  # the export-gguf file with --gguf
+]
+CODE_RECIPES = ["nf4+model-offload", "fp8-layerwise+group-offload"]
+
+
+def plan(smoke: bool) -> list[dict]:
+    """The ordered scenario list: DIR then random of each (backend, offload), code rows after the first three."""
+    offloads = ["none"] if smoke else ["none", "model"]
+    code_recipes = ["fp8-layerwise"] if smoke else CODE_RECIPES  # CPU: no offload to a GPU
+    out = []
+    for offload in offloads:
+        for i, (name, recipe) in enumerate(BACKENDS):
+            for weights in ("dir", "random"):
+                out.append({"kind": "generate", "name": name, "recipe": recipe, "offload": offload, "weights": weights})
+            if offload == "none" and i == 2:
+                for r in code_recipes:
+                    out.append({"kind": "code", "name": r, "recipe": r, "offload": None, "weights": "dir"})
+                    out.append({"kind": "generate", "name": r, "recipe": r, "offload": None, "weights": "dir",
+                                "pair_of": "code"})
+    if smoke:  # CPU: only what runs on CPU (no bnb quantize-on-load, no CUDA-only torchao, no offload to a GPU)
+        cpu_ok = {"torchao-int8wo", "quanto-int8", "fp8-layerwise", "gguf-q4_1"}
+        out = [s for s in out if s["name"] in cpu_ok]
+    return out
+
+
+class Rows:
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict) -> dict:
+        row = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **row}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k not in ("stderr_tail", "manifest")}, default=str),
+              flush=True)
+        return row
+
+
+def sh(cmd: list[str], timeout: float, env=None) -> tuple[int, str, str, float]:
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        return p.returncode, p.stdout, p.stderr, time.perf_counter() - t0
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return 124, out, err, time.perf_counter() - t0
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "vramfit.cli", *args]
+
+
+def generate_row(s: dict, a, model: str, ckpt: Path, gguf: Path | None, timeout: float) -> dict:
+    recipe = s["recipe"]
+    args = ["generate", PROMPT, "--model", model, "--steps", str(a.steps), "--height", str(a.size), "--width",
+            str(a.size), "--device", a.device, "--no-progress", "--json", "--out", str(Path(a.work) / "img.png")]
+    if recipe == "gguf":
+        if gguf is None:
+            return {"status": "skipped", "reason": "no GGUF file (export-gguf skipped or failed)"}
+        args += ["--gguf", str(gguf)]
+        recipe = ""
+    if s["offload"] and s["offload"] != "none":
+        recipe = ",".join(x for x in (recipe, f"offload={s['offload']}") if x)
+    if recipe:
+        args += ["--recipe", recipe]
+    args += ["--weights", str(ckpt) if s["weights"] == "dir" else "random"]
+    code, out, err, wall = sh(cli(*args), timeout)
+    row = {"command": "vramfit " + " ".join(args), "wall_s": round(wall, 1), "rc": code}
+    if code != 0:
+        return {**row, "status": "error" if code != 124 else "timeout", "stderr_tail": err[-2000:]}
+    rec = json.loads(out.strip().splitlines()[-1])
+    m, t = rec["memory"], rec["timings"]
+    pq = [x for x in rec["manifest"] if x["step"] == "pipeline-quantization"]
+    return {**row, "status": "ok", "recipe_run": rec["recipe"],
+            "after_load_gb": m["after_load"].get("allocated_gb"), "after_load_reserved_gb": m["after_load"].get(
+                "reserved_gb"), "peak_gb": m["peak_allocated_gb"], "generate_peak_gb": m["generate_peak_allocated_gb"],
+            "peak_reserved_gb": m["peak_reserved_gb"], "host_peak_rss_gb": m["host_peak_rss_gb"],
+            "s_per_step_median": t["s_per_step_median"], "s_per_step": t["s_per_step"], "load_s": t["load_s"],
+            "pipeline_quantization": pq[0]["form"] if pq else None, "weight_gb_total": rec["weight_gb_total"],
+            "manifest": rec["manifest"]}
+
+
+# measurement from outside the printed program: nothing in the program changes
+CODE_BOOT = r"""
+import json, runpy, sys, time, torch, diffusers
+t0 = time.perf_counter()
+m = {}
+orig = diffusers.FluxPipeline.__call__
+def call(self, *a, **kw):
+    dev = torch.cuda.is_available()
+    if dev: torch.cuda.synchronize()
+    m["load_s"] = round(time.perf_counter() - t0, 3)
+    if dev:
+        m["after_load_gb"] = round(torch.cuda.memory_allocated() / 1e9, 3)
+        m["after_load_reserved_gb"] = round(torch.cuda.memory_reserved() / 1e9, 3)
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    def cb(p, i, t, k):
+        if dev: torch.cuda.synchronize()
+        times.append(time.perf_counter()); return {}
+    kw["callback_on_step_end"] = cb
+    t1 = time.perf_counter()
+    out = orig(self, *a, **kw)
+    steps = [b - a_ for a_, b in zip([t1] + times[:-1], times)]
+    steady = sorted(steps[1:]) or steps
+    m["step_s"] = [round(x, 4) for x in steps]
+    m["s_per_step_median"] = round(steady[len(steady) // 2], 4)
+    if dev:
+        m["generate_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    return out
+diffusers.FluxPipeline.__call__ = call
+sys.modules["vramfit"] = None  # the program must not need vramfit
+runpy.run_path(sys.argv[1], run_name="__main__")
+print(json.dumps(m))
+"""
+
+
+def code_row(s: dict, a, model: str, ckpt: Path, timeout: float) -> dict:
+    prog = Path(a.work) / f"code-{s['name'].replace('+', '_')}.py"
+    args = ["code", s["recipe"], "--model", model, "--weights", str(ckpt), "--steps", str(a.steps), "--height",
+            str(a.size), "--width", str(a.size), "--prompt", PROMPT, "--device", a.device, "--image",
+            str(Path(a.work) / "code.png"), "--out", str(prog)]
+    code, out, err, _ = sh(cli(*args), 120)
+    if code != 0:
+        return {"status": "error", "stage": "vramfit code", "stderr_tail": err[-2000:]}
+    code, out, err, wall = sh([sys.executable, "-c", CODE_BOOT, str(prog)], timeout)
+    row = {"command": "vramfit " + " ".join(args) + f" && python {prog.name}", "wall_s": round(wall, 1), "rc": code,
+           "program": prog.read_text()}
+    if code != 0:
+        return {**row, "status": "error" if code != 124 else "timeout", "stderr_tail": err[-2000:]}
+    return {**row, "status": "ok", **json.loads(out.strip().splitlines()[-1])}
+
+
+def pct(a, b):
+    if a is None or b is None or not b:
+        return None
+    return round(100.0 * (a - b) / b, 2)
+
+
+def compare(rows: Rows, a_row: dict, b_row: dict, what: str) -> None:
+    keys = ("after_load_gb", "generate_peak_gb", "s_per_step_median")
+    rows.add({"kind": "compare", "what": what, **{f"{k}_diff_pct": pct(a_row.get(k), b_row.get(k)) for k in keys},
+              **{f"{k}_a": a_row.get(k) for k in keys}, **{f"{k}_b": b_row.get(k) for k in keys},
+              "load_s_a": a_row.get("load_s"), "load_s_b": b_row.get("load_s")})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="flux-tiny on CPU, a few rows (tests the script here)")
+    ap.add_argument("--pytest", action="store_true", help="run the GPU tests (pytest -m gpu tests/test_gpu.py)")
+    ap.add_argument("--budget-s", type=float, default=480.0)
+    ap.add_argument("--work", default=None, help="scratch directory for the checkpoints (not $OUT: 40 GB)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    a = ap.parse_args()
+    out = Path(a.out)
+    if a.pytest:
+        env = {**os.environ, "VRAMFIT_MATRIX_JSON": str(out / "gpu_matrix.json"), "PYTHONPATH": str(ROOT)}
+        p = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                            "tests/test_gpu.py"], cwd=ROOT, env=env)
+        return p.returncode
+    model = "flux-tiny" if a.smoke else "flux-dev"
+    a.device, a.steps = ("cpu", 2) if a.smoke else ("cuda", 4)
+    a.size = 128 if a.smoke else 1024
+    a.work = a.work or ("/tmp/vramfit-loader-smoke" if a.smoke else "/tmp/vramfit-loader")
+    work = Path(a.work)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    rows = Rows(out / "device_loader.jsonl")
+    t_start = time.perf_counter()
+
+    def left() -> float:
+        return a.budget_s - (time.perf_counter() - t_start)
+
+    ckpt = work / model
+    code, _, err, wall = sh(cli("export", model, "--weights", "random", "--out", str(ckpt)), max(60.0, left()))
+    rows.add({"kind": "export", "model": model, "status": "ok" if code == 0 else "error", "wall_s": round(wall, 1),
+              "bytes": sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) if ckpt.exists() else None,
+              **({"stderr_tail": err[-2000:]} if code else {})})
+    if code != 0:
+        return 1
+    gguf = work / "transformer-q4_1.gguf"
+    code, _, err, wall = sh(cli("export-gguf", model, "--weights", str(ckpt), "--type", "q4_1", "--out", str(gguf)),
+                            90.0)
+    if code == 124:
+        rows.add({"kind": "skipped", "what": "export-gguf q4_1", "reason": "export-gguf took more than 90 s",
+                  "wall_s": round(wall, 1)})
+        gguf = None
+    else:
+        rows.add({"kind": "export-gguf", "status": "ok" if code == 0 else "error", "wall_s": round(wall, 1),
+                  **({"stderr_tail": err[-2000:]} if code else {"bytes": gguf.stat().st_size})})
+        gguf = gguf if code == 0 else None
+
+    done: dict = {}
+    for s in plan(a.smoke):
+        key = (s["kind"], s["name"], s["offload"], s["weights"])
+        if left() <= 0:
+            rows.add({**s, "kind": "skipped", "scenario_kind": s["kind"], "status": "not run: time",
+                      "budget_s": a.budget_s})
+            continue
+        timeout = min(300.0, max(30.0, left() + 60))  # a started scenario may overrun the budget by a minute
+        r = code_row(s, a, model, ckpt, timeout) if s["kind"] == "code" else \
+            generate_row(s, a, model, ckpt, gguf, timeout)
+        done[key] = rows.add({**s, "model": model, **r})
+        if s["kind"] == "generate" and s["weights"] == "random" and s.get("pair_of") is None:
+            d = done.get(("generate", s["name"], s["offload"], "dir"))
+            if d and d.get("status") == "ok" and r.get("status") == "ok":
+                compare(rows, d, r, f"{s['name']} offload={s['offload']}: DIR (a) vs random (b)")
+        if s.get("pair_of") == "code":
+            c = done.get(("code", s["name"], None, "dir"))
+            if c and c.get("status") == "ok" and r.get("status") == "ok":
+                compare(rows, c, r, f"{s['name']}: vramfit code program (a) vs vramfit generate (b), --weights DIR")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
