@@ -156,8 +156,17 @@ def record(value, offload, source, fn):
     except BaseException as e:  # noqa: BLE001 - counted, then re-raised so pytest reports it
         RESULTS[key] = {"value": value, "offload": offload, "source": source, "ok": False,
                         "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        _append(RESULTS[key])
         raise
     RESULTS[key] = {"value": value, "offload": offload, "source": source, "ok": True, **info}
+    _append(RESULTS[key])
+
+
+def _append(cell: dict) -> None:
+    """Each cell as it ends, one JSON line (``$OUT/gpu_matrix.jsonl``): a run stopped by its time limit keeps them."""
+    if os.environ.get("OUT"):
+        with open(Path(os.environ["OUT"]) / "gpu_matrix.jsonl", "a") as f:
+            f.write(json.dumps(cell, default=str) + "\n")
 
 
 @pytest.fixture(scope="module")
