@@ -89,7 +89,11 @@ def check(recipe: Recipe, device: torch.device) -> dict:
             _check_attention_backend_requirements(recipe.attention)
         except (RuntimeError, ImportError, ValueError) as e:
             raise RecipeError(f"attention={recipe.attention} cannot run here: {e}. Alternative: attention=native")
+    from . import runtime
+
     for reason, alt in problems(recipe.components, recipe.offload, recipe.compile, recipe.attention, device.type):
+        raise RecipeError(f"{reason}. Alternative: {alt}")
+    for reason, alt in runtime.problems(recipe, device.type):
         raise RecipeError(f"{reason}. Alternative: {alt}")
     return _dynamo_for(recipe, quant_module() if recipe.quantized() else None, device.type)
 
@@ -158,10 +162,16 @@ def load_component(
     manifest: Manifest, gguf_file: str | None = None,
 ) -> torch.nn.Module:
     """Build or load one component as the recipe says, on ``device``, quantized if asked."""
+    from . import runtime
+
     value = getattr(recipe, component)
     dtype = DTYPES.get(value, torch.bfloat16)  # quantized components compute in bf16
     q = quant_module() if value not in PRECISIONS else None
+    fuse = component == "transformer" and runtime.on(recipe, "fuse_qkv", "off")
     if component == "transformer" and gguf_file:
+        if fuse:
+            raise RecipeError("fuse_qkv=on with a GGUF transformer: its weights stay packed GGUF bytes. "
+                              "Alternative: fuse_qkv=off")
         from .gguf_io import load_gguf_transformer
 
         module = load_gguf_transformer(gguf_file, spec.config_dir / "transformer", torch.bfloat16, device)
@@ -177,6 +187,8 @@ def load_component(
         manifest.add("load", component=component, source=f"random seed={weights.seed}", dtype=str(dtype),
                      device=str(build_on), generated_on=str(models.random_generation_device(build_on)),
                      **_describe(module))
+        if fuse:  # before quantizing, as flux-fast does: the fused layers are quantized like the others
+            runtime.fuse_qkv(module, manifest)
         if q is not None:
             manifest.add(**{"component": component, **q.quantize_component(module, component, value, device)})
         return module
@@ -184,12 +196,16 @@ def load_component(
     # A pre-quantized checkpoint (vramfit quantize) carries its quantization_config: it loads as saved.
     prequantized = models.saved_quantization(weights, component) is not None
     qconfig = q.quantization_config(value, component) if q is not None and not prequantized else None
+    if fuse:
+        runtime.check_load(recipe, weights.kind, prequantized, qconfig is not None)
     module = models.load_pretrained_component(weights.path, component, dtype, device, quantization_config=qconfig)
     manifest.add("load", component=component, source=weights.path, dtype=str(dtype), device=str(device),
                  api=f"{type(module).__name__}.from_pretrained(subfolder={component!r})"
                  + (f", quantization_config={type(qconfig).__name__}" if qconfig is not None else "")
                  + (" (pre-quantized checkpoint: no re-quantization)" if prequantized else ""),
                  **_describe(module))
+    if fuse:
+        runtime.fuse_qkv(module, manifest)
     if q is not None and qconfig is None and not _is_prequantized(module):
         # backends applied after load (fp8 layerwise casting), or a pre-quantized checkpoint
         manifest.add(**{"component": component, **q.quantize_component(module, component, value, device)})
@@ -302,30 +318,9 @@ def apply_offload(pipe, recipe: Recipe, device: torch.device, manifest: Manifest
 
 
 def apply_runtime_options(pipe, recipe: Recipe, manifest: Manifest, components=None) -> None:
-    """VAE decode mode, attention backend and compile: applied to whichever components are loaded."""
+    """VAE decode mode, attention backend, step cache, compile, host-sync removal (``runtime``): applied to whichever
+    components are loaded, each verified."""
+    from . import runtime
+
     loaded = components if components is not None else {c: getattr(pipe, c) for c in models.COMPONENTS}
-    vae = loaded.get("vae")
-    if vae is not None and recipe.vae_mode != "none":
-        if recipe.vae_mode == "tiling":
-            vae.enable_tiling()
-            manifest.add("vae", mode="tiling", api="vae.enable_tiling()", verified=bool(vae.use_tiling))
-        else:
-            vae.enable_slicing()
-            manifest.add("vae", mode="slicing", api="vae.enable_slicing()", verified=bool(vae.use_slicing))
-    tr = loaded.get("transformer")
-    if tr is None:
-        return
-    if recipe.attention != "native":
-        tr.set_attention_backend(recipe.attention)
-        manifest.add("attention", backend=recipe.attention, api=f"transformer.set_attention_backend({recipe.attention!r})")
-    if recipe.compile == "regional":
-        # in place (module.compile): assigning a compiled wrapper would break offload hooks (DESIGN pitfalls)
-        tr.compile_repeated_blocks(fullgraph=True)
-        n = sum(1 for m in tr.modules() if getattr(m, "_compiled_call_impl", None) is not None)
-        manifest.add("compile", mode="regional", api="transformer.compile_repeated_blocks(fullgraph=True)",
-                     compiled_modules=n, verified=n > 0)
-    elif recipe.compile == "full":
-        tr.compile(fullgraph=True)
-        ok = getattr(tr, "_compiled_call_impl", None) is not None
-        manifest.add("compile", mode="full", api="transformer.compile(fullgraph=True)", compiled_modules=int(ok),
-                     verified=ok)
+    runtime.apply(pipe, recipe, manifest, loaded)

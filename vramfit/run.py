@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import apply, measure, models
+from . import apply, measure, models, runtime
 from .errors import InputError
 from .models import ModelSpec, Weights
 from .recipe import Recipe
@@ -177,6 +177,7 @@ class Runner:
                 self._load_stage("denoise", rec)
             t_start = time.perf_counter()
             self.on_event("denoise", steps=req.steps, compile=self.recipe.compile)
+            runtime.before_call(pipe, self.recipe, req.steps, self.manifest)
             latents = pipe(
                 prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled,
                 num_inference_steps=req.steps, guidance_scale=req.guidance,
@@ -185,6 +186,8 @@ class Runner:
                 output_type="latent", return_dict=False, callback_on_step_end=on_step,
             )[0]
         del prompt_embeds, pooled
+        if not self.runs:  # what only a generation can show: graphs compiled, scheduler began at 0, steps cached
+            runtime.verify_after_run(pipe, self.recipe, req.steps, self.manifest)
         if self.staged:
             self._free_stage("denoise")
 
