@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import apply, measure, models, runtime
+from . import apply, compile_cache, measure, models, runtime
 from .errors import InputError
 from .models import ModelSpec, Weights
 from .recipe import Recipe
@@ -86,6 +86,7 @@ class Runner:
         self.gguf_file = gguf_file
         self.progress = progress
         self.dynamo = apply.check(recipe, device)  # refusals happen here, before any heavy work
+        self.compile_cache = compile_cache.for_runner(self)  # None without compile
         # import the model classes now so that load time is loading, not Python imports (~8 s of a cold start)
         t0 = time.perf_counter()
         for c in models.COMPONENTS:
@@ -178,6 +179,8 @@ class Runner:
             t_start = time.perf_counter()
             self.on_event("denoise", steps=req.steps, compile=self.recipe.compile)
             runtime.before_call(pipe, self.recipe, req.steps, self.manifest)
+            if self.compile_cache is not None:  # before the first compiled call of this shape
+                self.compile_cache.before(req, self.manifest)
             latents = pipe(
                 prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled,
                 num_inference_steps=req.steps, guidance_scale=req.guidance,
@@ -201,6 +204,8 @@ class Runner:
         elif self.recipe.offload == "model":
             pipe.maybe_free_model_hooks()
 
+        if self.compile_cache is not None:  # a miss: keep what this run compiled for the next process
+            self.compile_cache.after(req, self.manifest)
         self.runs += 1
         self.on_event("done", run=self.runs)
         lat = latents.detach().float().cpu()
