@@ -85,3 +85,111 @@ def test_compile_bypassed_is_caught_after_the_first_run(tiny, monkeypatch):
     monkeypatch.setattr(ModelMixin, "compile_repeated_blocks", fake)
     with pytest.raises(runtime.NotApplied, match="dynamo compiled no graph"):
         generate(tiny, "compile=regional")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the speed keys (#12): parse, print, refuse where they cannot run, land in the manifest where they run
+
+
+NEW_KEYS = ["compile=regional+graphs", "compile=full+autotune+graphs", "compile=full+autotune", "compile_vae=on",
+            "fuse_qkv=on", "cache=fbc:0.08", "cache=taylorseer:3", "cache=magcache:0.06", "host_sync=avoid",
+            "transformer=torchao-fp8dq-tensor"]
+
+
+@pytest.mark.parametrize("item", NEW_KEYS)
+def test_new_keys_parse_and_print(item):
+    r = Recipe.parse(item)
+    assert item in str(r) and Recipe.parse(str(r)) == r
+
+
+@pytest.mark.parametrize("recipe, reason", [
+    ("compile=regional+graphs", "CUDA graphs, which need a CUDA GPU"),
+    ("compile=full+autotune", "max-autotune"),
+    ("compile=full+autotune+graphs", "CUDA GPU"),
+    ("transformer=torchao-fp8dq-tensor", "needs CUDA"),
+    ("compile_vae=on", "compile_vae=on compiles the VAE decoder"),
+    ("cache=fbc:0.08,compile=regional", "graph break"),
+])
+def test_refused_on_cpu_with_reason_and_alternative(recipe, reason):
+    from vramfit import apply
+
+    with pytest.raises(RecipeError, match="Alternative") as e:
+        apply.check(Recipe.parse(recipe), CPU)
+    assert reason in str(e.value)
+
+
+@pytest.mark.parametrize("recipe, reason", [
+    ("compile=regional+graphs,offload=model", "a graph replays fixed device addresses"),
+    ("compile=full+graphs,cache=fbc:0.1", "graph break"),
+    ("cache=taylorseer:3,offload=sequential", "both wrap the same blocks"),
+])
+def test_refused_on_cuda_rules(recipe, reason):
+    found = [r for r, _ in runtime.problems(Recipe.parse(recipe), "cuda")]
+    assert any(reason in r for r in found), found
+
+
+def test_fuse_qkv_lands_in_manifest_and_keeps_the_output(tiny):
+    _, plain = generate(tiny, "bf16")
+    runner, fused = generate(tiny, "fuse_qkv=on")
+    (entry,) = steps_of(fused, "fuse_qkv")
+    tr = runner.pipe.transformer
+    assert entry["verified"] and entry["fused_modules"] == len(tr.transformer_blocks) + len(tr.single_transformer_blocks)
+    assert not hasattr(tr.transformer_blocks[0].attn, "to_q")  # unfused copies dropped: weights held once
+    rel = ((fused.latents - plain.latents).norm() / plain.latents.norm()).item()
+    assert rel < 1e-2, rel  # the same matmuls, concatenated (bf16 rounding differs slightly)
+
+
+def test_fuse_qkv_before_quantizing(tiny):
+    runner, res = generate(tiny, "fuse_qkv=on,transformer=quanto-int8")
+    names = [s["step"] for s in res.record["manifest"] if s.get("component", "transformer") == "transformer"]
+    assert names.index("fuse_qkv") < names.index("quantize")
+    assert type(runner.pipe.transformer.transformer_blocks[0].attn.to_qkv).__name__ == "QLinear"
+
+
+def test_fuse_qkv_refused_on_a_checkpoint_quantized_while_loading():
+    with pytest.raises(RecipeError, match="fuse_qkv=on.*quantized while it loads.*Alternative"):
+        runtime.check_load(Recipe.parse("fuse_qkv=on,transformer=quanto-int8"), "dir", False, True)
+    with pytest.raises(RecipeError, match="pre-quantized"):
+        runtime.check_load(Recipe.parse("fuse_qkv=on"), "dir", True, False)
+    runtime.check_load(Recipe.parse("fuse_qkv=on"), "dir", False, False)  # bf16 checkpoint: fused after loading
+
+
+@pytest.mark.parametrize("cache, kind", [("taylorseer:2", "taylorseer"), ("fbc:0.5", "fbc"),
+                                         ("magcache:0.5", "magcache")])
+def test_cache_lands_in_manifest_and_skips_steps(tiny, cache, kind):
+    _, plain = generate(tiny, "bf16", steps=8)
+    _, res = generate(tiny, f"cache={cache}", steps=8)
+    (entry,) = steps_of(res, "cache")
+    assert entry["kind"] == kind and entry["verified"] and entry["hooked_modules"] > 0
+    assert entry["steps"] == 8 and entry["steps_computed"] + entry["steps_skipped"] == 8
+    if kind == "taylorseer":  # fixed schedule: 3 warm-up steps computed, then every 2nd
+        assert 0 < entry["steps_skipped"] < 8 and entry["schedule"] == "fixed interval"
+    if entry["steps_skipped"]:
+        assert not torch.equal(res.latents, plain.latents)
+
+
+def test_host_sync_avoid_lands_in_manifest_and_changes_nothing(tiny, monkeypatch):
+    _, plain = generate(tiny, "bf16")
+    runner, res = generate(tiny, "host_sync=avoid")
+    (entry,) = steps_of(res, "host-sync")
+    assert entry["verified"] is True and runner.pipe.scheduler.begin_index == 0
+    # diffusers 0.42's FluxPipeline already starts the scheduler at index 0 (diffusers #11696): recorded as such
+    assert entry["already_in_pipeline"] is True
+    assert torch.equal(res.latents, plain.latents)  # index 0 is where the search would have started
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_begin_index", lambda self, i=0: None)
+    with pytest.raises(runtime.NotApplied, match="begin_index is None"):
+        generate(tiny, "host_sync=avoid")
+
+
+def test_begin_at_zero_for_pipelines_that_do_not(tiny):
+    """The fallback for a pipeline without its own set_begin_index(0): a subclass that sets it after set_timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = runtime.begin_at_zero(FlowMatchEulerDiscreteScheduler())
+    s.set_timesteps(4, mu=1.0)
+    assert s.begin_index == 0 and isinstance(s, FlowMatchEulerDiscreteScheduler)
+    plain = FlowMatchEulerDiscreteScheduler()
+    plain.set_timesteps(4, mu=1.0)
+    assert plain.begin_index is None

@@ -8,6 +8,7 @@ any heavy work with a RecipeError that gives the reason and an alternative -- ne
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -80,8 +81,23 @@ def problems(components: dict[str, str], offload: str, compile: str, attention: 
         yield reason, alt
 
 
+# Recipe keys whose applying code is not part of this build yet: refused (never silently ignored) until it is.
+NOT_IN_THIS_BUILD: dict[str, str] = {}  # recipe keys parsed but not yet applied (runtime.py applies the speed keys)
+
+
+def _unbuilt(recipe: Recipe):
+    default = Recipe()
+    for key, shown in NOT_IN_THIS_BUILD.items():
+        if getattr(recipe, key) != getattr(default, key):
+            yield f"{shown} is not implemented in this build", f"leave {key} at {getattr(default, key)}"
+    if recipe.offload_kind == "stream" and importlib.util.find_spec("vramfit.stream") is None:
+        yield "offload=stream: the streaming executor is not part of this build", "offload=group-leaf or offload=model"
+
+
 def check(recipe: Recipe, device: torch.device) -> dict:
     """Refuse what cannot run on this device, with reason and alternative. Returns dynamo settings to apply."""
+    for reason, alt in _unbuilt(recipe):
+        raise RecipeError(f"{reason}. Alternative: {alt}")
     if device.type == "cuda" and recipe.attention != "native":
         try:
             from diffusers.models.attention_dispatch import _check_attention_backend_requirements
@@ -91,7 +107,8 @@ def check(recipe: Recipe, device: torch.device) -> dict:
             raise RecipeError(f"attention={recipe.attention} cannot run here: {e}. Alternative: attention=native")
     from . import runtime
 
-    for reason, alt in problems(recipe.components, recipe.offload, recipe.compile, recipe.attention, device.type):
+    for reason, alt in problems(recipe.components, recipe.offload_kind, recipe.compile_scope, recipe.attention,
+                                device.type):
         raise RecipeError(f"{reason}. Alternative: {alt}")
     for reason, alt in runtime.problems(recipe, device.type):
         raise RecipeError(f"{reason}. Alternative: {alt}")
@@ -120,10 +137,15 @@ def compat_matrix(device_type: str = "cuda") -> list[dict]:
 def _dynamo_for(recipe: Recipe, q, device_type: str = "cuda") -> dict:
     if recipe.compile == "off":
         return {}
-    settings = dict(q.dynamo_settings(recipe.components, recipe.offload, recipe.compile, device_type)) if q else {}
+    settings = (dict(q.dynamo_settings(recipe.components, recipe.offload_kind, recipe.compile_scope, device_type))
+                if q else {})
     if recipe.offload != "none" and "cache_size_limit" not in settings:
         # offload hooks add guards on module devices; the default limit of 8 recompiles falls back to eager
         settings["cache_size_limit"] = 64
+    if recipe.compile_scope == "full" and recipe.compile_autotune:
+        from .runtime import FLUX_FAST_INDUCTOR
+
+        settings.update(FLUX_FAST_INDUCTOR)  # flux-fast's inductor flags, with its fullgraph max-autotune compile
     return settings
 
 

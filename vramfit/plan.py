@@ -407,11 +407,11 @@ def activations_gb(model: str, recipe, shape: Shape) -> dict[str, float]:
     a_clip = shape.batch * clip["act_gb"] * _scale(model, "text_encoder", "hidden_size", clip["width"])
     tile = _config(model, "vae").get("sample_size", vae["tile_px"])
     vs = _scale(model, "vae", "", vae["width"])
-    if recipe.vae_mode == "tiling" and max(shape.height, shape.width) > tile:
+    if recipe.vae_decode == "tiling" and max(shape.height, shape.width) > tile:
         # one tile's decoder activations + the full-size output image (bf16, 3 channels)
         a_vae = shape.batch * (vae["act_gb_per_mpix"] * tile * tile / 1e6 * vs + shape.mpix * 6e6 / GB)
     else:
-        per_image = 1 if recipe.vae_mode == "slicing" else shape.batch  # slicing decodes one image at a time
+        per_image = 1 if recipe.vae_decode == "slicing" else shape.batch  # slicing decodes one image at a time
         a_vae = per_image * vae["act_gb_per_mpix"] * shape.mpix * vs
     return {"text_encoder": a_clip, "text_encoder_2": a_t5, "transformer": a_tr, "vae": a_vae}
 
@@ -541,7 +541,7 @@ def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hu
     vae = c["vae"]
     tile = _config(model, "vae").get("sample_size", vae["tile_px"])
     vae_s = vae["s_per_mpix"] * shape.mpix * shape.batch * speed
-    if recipe.vae_mode == "tiling" and max(shape.height, shape.width) > tile:
+    if recipe.vae_decode == "tiling" and max(shape.height, shape.width) > tile:
         vae_s = vae["s_per_mpix"] * _tiled_mpix(shape, tile) * shape.batch * speed * vae["tiled_overhead"]
 
     # ---- transfers
@@ -707,7 +707,7 @@ def candidate_recipes(shape: Shape) -> list:
         for t5 in t5_values(tr):
             for off, comp in OFFLOAD_COMPILE:
                 for vm in vae_modes:
-                    out.append(Recipe(transformer=tr, text_encoder_2=t5, offload=off, compile=comp, vae_mode=vm))
+                    out.append(Recipe(transformer=tr, text_encoder_2=t5, offload=off, compile=comp, vae_decode=vm))
     return out
 
 
@@ -799,7 +799,7 @@ def _short(recipe: str) -> str:
     from .recipe import Recipe
 
     ch = Recipe.parse(recipe).changed()
-    out = [f"{'vae' if k == 'vae_mode' else k}={v}" for k, v in ch.items()]
+    out = [f"{k}={v}" for k, v in ch.items()]
     return ",".join(out) or "bf16"
 
 

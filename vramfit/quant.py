@@ -33,7 +33,7 @@ import torch
 from .errors import RecipeError
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
-OFFLOADS = ("none", "model", "sequential", "group-block", "group-leaf", "staged")
+OFFLOADS = ("none", "model", "sequential", "group-block", "group-leaf", "staged", "stream")
 COMPILES = ("off", "regional", "full")
 # Components whose class is a diffusers ModelMixin (the rest are transformers PreTrainedModels).
 DIFFUSERS_COMPONENTS = ("transformer", "vae")
@@ -675,11 +675,6 @@ def dynamo_settings(components: dict[str, str], offload: str, compile: str, devi
         out["cache_size_limit"] = OFFLOAD_COMPILE_CACHE_LIMIT
     if device_type == "cuda" and components.get("transformer") == "torchao-int8wo":
         out.update(WOQ_INT8_REWRITE_OFF)
-    scope, *mods = compile.split("+")
-    if scope == "full" and "autotune" in mods:
-        from .runtime import FLUX_FAST_INDUCTOR
-
-        out.update(FLUX_FAST_INDUCTOR)  # flux-fast's flags, with its fullgraph max-autotune compile
     return out
 
 

@@ -36,19 +36,19 @@ class NotApplied(RuntimeError):
 
 
 def vae_decode(recipe) -> str:
-    return getattr(recipe, "vae_decode", None) or getattr(recipe, "vae_mode", "none")
+    return recipe.vae_decode
 
 
 def compile_scope(recipe) -> str:
-    return getattr(recipe, "compile_scope", None) or recipe.compile.split("+")[0]
+    return recipe.compile_scope
 
 
 def compile_graphs(recipe) -> bool:
-    return bool(getattr(recipe, "compile_graphs", False))
+    return recipe.compile_graphs
 
 
 def compile_autotune(recipe) -> bool:
-    return bool(getattr(recipe, "compile_autotune", False))
+    return recipe.compile_autotune
 
 
 def compile_mode(recipe) -> str | None:
@@ -60,17 +60,17 @@ def compile_mode(recipe) -> str | None:
 
 
 def cache_spec(recipe) -> tuple[str, str | None]:
-    value = getattr(recipe, "cache", "none") or "none"
-    kind, _, arg = value.partition(":")
+    kind, _, arg = recipe.cache.partition(":")
     return kind, (arg or None)
 
 
 def offload_kind(recipe) -> str:
-    return getattr(recipe, "offload_kind", None) or recipe.offload.split(":")[0]
+    return recipe.offload_kind
 
 
 def on(recipe, key: str, default: str) -> bool:
-    return (getattr(recipe, key, default) or default) in ("on", "avoid")
+    """compile_vae / fuse_qkv = on, host_sync = avoid."""
+    return getattr(recipe, key) in ("on", "avoid")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,10 +165,15 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
         if getattr(vae.decoder, "_compiled_call_impl", None) is None:
             raise NotApplied("compile_vae=on: vae.decoder.compile() left no compiled call")
         manifest.add("compile-vae", api="vae.decoder.compile(fullgraph=True)", verified=True)
-    if getattr(recipe, "host_sync", "keep") == "avoid" and not isinstance(pipe.scheduler, _BeginAtZero):
-        pipe.scheduler = begin_at_zero(pipe.scheduler)
-        manifest.add("host-sync", mode="avoid", api="scheduler.set_begin_index(0) after every set_timesteps",
-                     scheduler=type(pipe.scheduler).__name__, verified=None)  # after the first run
+    if recipe.host_sync == "avoid" and not manifest.find("host-sync"):
+        if pipeline_sets_begin_index(pipe):
+            # diffusers >= 0.35 FluxPipeline.__call__ already calls scheduler.set_begin_index(0) (diffusers #11696)
+            manifest.add("host-sync", mode="avoid", api="FluxPipeline.__call__ calls scheduler.set_begin_index(0)",
+                         already_in_pipeline=True, verified=None)  # checked after the first run
+        else:
+            pipe.scheduler = begin_at_zero(pipe.scheduler)
+            manifest.add("host-sync", mode="avoid", api="scheduler.set_begin_index(0) after every set_timesteps",
+                         scheduler=type(pipe.scheduler).__name__, already_in_pipeline=False, verified=None)
     tr = loaded.get("transformer")
     if tr is None:
         return
@@ -295,6 +300,15 @@ def install_block_counter(transformer) -> None:
     layer.register_forward_pre_hook(count)
 
 
+def pipeline_sets_begin_index(pipe) -> bool:
+    import inspect
+
+    try:
+        return "scheduler.set_begin_index(0)" in inspect.getsource(type(pipe).__call__)
+    except (OSError, TypeError):
+        return False
+
+
 class _BeginAtZero:  # marker base: the scheduler already starts at index 0
     pass
 
@@ -303,14 +317,21 @@ def begin_at_zero(scheduler):
     """The same scheduler class with ``set_begin_index(0)`` after every ``set_timesteps`` (which resets it): the
     first ``step`` then skips ``index_for_timestep``'s ``nonzero().item()`` host sync (flux-fast). A subclass made
     from the same config, so it is explicit and reversible (``pipe.scheduler = original``)."""
+    import functools
+
     base = type(scheduler)
-    cls = type(f"BeginAtZero{base.__name__}", (_BeginAtZero, base), {"set_timesteps": _set_timesteps_begin_zero})
+
+    @functools.wraps(base.set_timesteps)  # the pipeline inspects its signature (sigmas=, mu=)
+    def set_timesteps(self, *args, **kwargs):
+        base.set_timesteps(self, *args, **kwargs)
+        _begin_at_zero(self)
+
+    cls = type(f"BeginAtZero{base.__name__}", (_BeginAtZero, base), {"set_timesteps": set_timesteps})
     return cls.from_config(scheduler.config)
 
 
-def _set_timesteps_begin_zero(self, *args, **kwargs):
-    super(_BeginAtZero, self).set_timesteps(*args, **kwargs)  # the scheduler's own set_timesteps (next in the MRO)
-    self.set_begin_index(0)
+def _begin_at_zero(scheduler) -> None:
+    scheduler.set_begin_index(0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,7 +366,7 @@ def verify_after_run(pipe, recipe, steps: int, manifest) -> None:
             entry["verified"] = True
     for entry in manifest.find("host-sync"):
         sched = pipe.scheduler
-        ok = isinstance(sched, _BeginAtZero) and sched.begin_index == 0
+        ok = sched.begin_index == 0
         entry["verified"] = ok
         if not ok:
             raise NotApplied(f"host_sync=avoid: the scheduler's begin_index is {sched.begin_index!r} after the run")
