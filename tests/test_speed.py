@@ -193,3 +193,80 @@ def test_begin_at_zero_for_pipelines_that_do_not(tiny):
     plain = FlowMatchEulerDiscreteScheduler()
     plain.set_timesteps(4, mu=1.0)
     assert plain.begin_index is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compile cache
+
+
+class _FakeRunner:
+    def __init__(self, recipe="compile=regional", dynamo=None):
+        self.device, self.recipe = CPU, Recipe.parse(recipe)
+        self.spec = models.get_model("flux-tiny")
+        self.dynamo = dynamo or {}
+
+
+def test_cache_key_and_dir(tmp_path, monkeypatch):
+    from vramfit import compile_cache
+
+    monkeypatch.setenv("VRAMFIT_CACHE_DIR", str(tmp_path / "c"))
+    assert compile_cache.cache_root() == tmp_path / "c"
+    base = compile_cache.key_parts(CPU, "flux-tiny", "compile=regional", 64, 64, 1, 64)
+    assert {"device", "libraries", "model", "recipe", "shape"} <= set(base)
+    assert {"torch", "diffusers", "triton"} <= set(base["libraries"])
+    keys = {compile_cache.key_of(base),
+            compile_cache.key_of(compile_cache.key_parts(CPU, "flux-tiny", "compile=full", 64, 64, 1, 64)),
+            compile_cache.key_of(compile_cache.key_parts(CPU, "flux-tiny", "compile=regional", 64, 128, 1, 64))}
+    assert len(keys) == 3  # recipe and shape are part of the key
+    assert compile_cache.for_runner(_FakeRunner("bf16")) is None  # nothing compiled: no cache entry
+    monkeypatch.delenv("VRAMFIT_CACHE_DIR")
+    assert str(compile_cache.cache_root()).endswith("vramfit/compile")
+
+
+def test_cache_unusable_when_inductor_caches_are_off(tmp_path, monkeypatch):
+    from vramfit import apply, compile_cache, quant
+
+    monkeypatch.setenv("VRAMFIT_CACHE_DIR", str(tmp_path))
+    cache = compile_cache.CompileCache(_FakeRunner(dynamo=dict(quant.WOQ_INT8_REWRITE_OFF)))
+    req = run.request_for(models.get_model("flux-tiny"), "a fox", 2, 64, 64, None, 0)
+    entry = cache.before(req, apply.Manifest())
+    assert entry["status"] == "unusable" and "force_disable_caches" in entry["reason"]
+    assert cache.after(req, apply.Manifest()) is entry and not entry.get("saved")  # nothing written
+    assert not list(tmp_path.iterdir())
+
+
+def test_warmup_refuses_a_recipe_without_compile(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "vramfit", "warmup", "flux-tiny", "--recipe", "bf16", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "compiles nothing" in p.stderr and "Alternative" in p.stderr
+
+
+@pytest.mark.slow
+def test_warmup_writes_a_cache_a_second_process_hits(tmp_path):
+    """Both processes start with empty inductor/Triton caches of their own: the second one's compiled code can only
+    come from the artifacts the first one saved (~4-5 min each on 2 shared CPU cores: CPU inductor builds C++)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def warmup(scratch):
+        env = {**os.environ, "VRAMFIT_CACHE_DIR": str(tmp_path / "vc"),
+               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / scratch / "inductor"),
+               "TRITON_CACHE_DIR": str(tmp_path / scratch / "triton")}
+        p = subprocess.run([sys.executable, "-m", "vramfit", "warmup", "flux-tiny", "--recipe", "compile=regional",
+                            "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"],
+                           capture_output=True, text=True, timeout=1200, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    first = warmup("s1")
+    assert (first["status"], first["saved"]) == ("miss", True) and first["bytes"] > 0
+    assert (tmp_path / "vc" / first["key"] / "artifacts.bin").stat().st_size == first["bytes"]
+    assert first["inductor_cache"]["fxgraph_cache_hit"] == 0
+    second = warmup("s2")
+    assert second["key"] == first["key"] and second["status"] == "hit" and second["saved"] is False
+    assert second["inductor_cache"]["fxgraph_cache_hit"] > 0 and second["inductor_cache"]["fxgraph_cache_miss"] == 0

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -510,7 +511,11 @@ def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> 
     row_path.unlink(missing_ok=True)
     job = {"scenario": asdict(s), "out": str(out), "device": device, "row_path": str(row_path)}
     cmd = [sys.executable, "-m", "vramfit.bench", "--one", json.dumps(job)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # inductor's and Triton's own on-disk caches start empty for each scenario: a compile is then either uncached or
+    # served by vramfit's compile cache (a "hit" in the row), never silently by a cache an earlier scenario left
+    scratch = out / "logs" / f"{safe_name(s.name)}.compiler-cache"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "TRITON_CACHE_DIR": str(scratch / "triton")}
     t0 = time.time()
     with open(log, "w") as logf:
         # own session: a timeout kills the whole process group (compile workers included)
@@ -526,6 +531,7 @@ def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> 
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     wall = round(time.time() - t0, 1)
+    shutil.rmtree(scratch, ignore_errors=True)
     tail = log.read_text(errors="replace")[-3000:]
     row = None
     if row_path.exists():  # written atomically by the child: complete or absent
@@ -697,6 +703,7 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
               **_timings(records),
               "runs": [{"seed": r["request"]["seed"], "run_index": r["run_index"], "latents": r["latents"],
                         "timings": r["timings"], "memory": r["memory"]} for r in records]}
+    result.update(_cold_start(records, rec["manifest"], import_s))
     images_dir = out / "images"
     images_dir.mkdir(exist_ok=True)
     result["images"] = {}
@@ -712,6 +719,22 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
         result["reference_files"] = {str(seed): [str(p.relative_to(out)) for p in ref_paths(out, s.ref_key, seed)]
                                      for seed in s.seeds}
     return result
+
+
+def _cold_start(records: list[dict], manifest: list[dict], import_s: float) -> dict:
+    """The compile cache's part in the cold run: hit, miss (this run compiled and saved) or unusable. The uncached and
+    the cached cold start are separate fields (DESIGN: the planner's cold-start calibration reads the uncached one);
+    each is import + load + the first generation, i.e. the time to the first image."""
+    entries = [e for e in manifest if e["step"] == "compile-cache"]
+    if not entries:
+        return {"compile_cache": None}
+    e = entries[0]
+    t = records[0]["timings"]
+    cold = {"to_first_image_s": round(import_s + t["load_s"] + t["total_s"], 3), "first_run_s": t["total_s"],
+            "compile_s": t.get("compile_s"), "cache_load_s": e.get("load_s")}
+    return {"compile_cache": {k: e.get(k) for k in ("status", "key", "dir", "bytes", "saved", "reason")},
+            "cold_uncached": cold if e.get("status") in ("miss", "unusable") else None,
+            "cold_cached": cold if e.get("status") == "hit" else None}
 
 
 def _median(xs):

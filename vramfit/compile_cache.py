@@ -194,6 +194,8 @@ def cmd_warmup(args) -> int:
            "shape": entry["shape"], "key": entry["key"], "dir": entry["dir"], "status": entry["status"],
            "saved": entry.get("saved", False), "bytes": entry.get("bytes"),
            "first_image_s": round(time.perf_counter() - t0, 2),
+           "inductor_cache": next((e.get("inductor_cache") for e in res.record["manifest"] if e["step"] == "compile"),
+                                  None),
            "compile_s": res.record["timings"].get("compile_s")}
     print(f"vramfit warmup: {spec.name} {req.height}x{req.width} recipe {recipe}: cache {entry['status']}"
           f"{', saved ' + str(entry.get('bytes')) + ' bytes' if entry.get('saved') else ''} -> {entry['dir']}",

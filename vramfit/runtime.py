@@ -354,6 +354,10 @@ def verify_after_run(pipe, recipe, steps: int, manifest) -> None:
         if entry.get("verified") is None:
             made = counters["stats"].get("unique_graphs", 0) - entry["graphs_before"]
             entry["graphs_compiled"] = made
+            # where inductor's code came from: its on-disk caches (filled by a compile cache hit) or fresh codegen
+            entry["inductor_cache"] = {k: counters[group].get(k, 0) for group, k in (
+                ("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
+                ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"))}
             if made <= 0:
                 raise NotApplied(f"compile={recipe.compile}: the first generation ran but dynamo compiled no graph "
                                  "(the compiled wrappers were bypassed)")
