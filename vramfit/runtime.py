@@ -204,6 +204,10 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
         if scope == "regional":
             # in place (module.compile): assigning a compiled wrapper would break offload hooks (DESIGN pitfalls)
             tr.compile_repeated_blocks(**kwargs)
+            if compile_graphs(recipe):
+                # each block is its own CUDA-graph tree node; a new transformer call is a new step, so the graphs
+                # of the previous step may reuse their output memory (the transformer itself is not compiled here)
+                tr.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
             classes = tuple(getattr(tr, "_repeated_blocks", ()) or ())
             blocks = [m for m in tr.modules() if type(m).__name__ in classes]
             compiled = [m for m in blocks if getattr(m, "_compiled_call_impl", None) is not None]
