@@ -48,8 +48,11 @@ def quant_module():
 # checks before any heavy work
 
 
-def problems(components: dict[str, str], offload: str, compile: str, attention: str, device_type: str):
+def problems(components: dict[str, str], offload: str, compile: str, attention: str, device_type: str,
+             installed: bool = True):
     """Yield (reason, alternative) for every reason this combination cannot run on ``device_type``.
+    ``installed=False`` leaves out what depends on this machine (libraries installed here, the local GPU): the
+    planner judges a named GPU that way.
 
     The one rule set behind both the refusals (``check``) and ``vramfit recipes``' matrix (``compat_matrix``).
     """
@@ -64,18 +67,24 @@ def problems(components: dict[str, str], offload: str, compile: str, attention: 
         yield ("compile with offload=sequential: accelerate moves every leaf module's weights inside its forward, "
                "which splits the compiled graph at every layer"), \
             "offload=group-block with compile=regional, or offload=model with compile=regional"
+    if offload == "stream" and compile == "full":
+        from . import stream
+
+        yield stream.COMPILE_FULL_WHY, "offload=stream with compile=regional (compiles the slot templates)"
     quantized = {c: v for c, v in components.items() if v not in PRECISIONS}
     if not quantized:
         return
     q = quant_module()
     if q is None:
+        if not installed:
+            return
         comp, value = next(iter(quantized.items()))
         yield f"{comp}={value}: quantization is not yet supported in this build", \
             f"{comp}=bf16 with offload=model or offload=group-block to fit less memory"
         return
     # the CPU-offload refusal above already covers quant's own accelerator-offload rule
     seen_cpu_offload = device_type != "cuda" and offload in ACCELERATOR_OFFLOADS
-    for reason, alt in q._problems(components, offload, compile, device_type, installed=True):
+    for reason, alt in q._problems(components, offload, compile, device_type, installed=installed):
         if seen_cpu_offload and reason.startswith(f"offload={offload} moves weights"):
             continue
         yield reason, alt
@@ -149,19 +158,47 @@ def _dynamo_for(recipe: Recipe, q, device_type: str = "cuda") -> dict:
     return settings
 
 
-def apply_dynamo_settings(settings: dict, manifest: Manifest) -> None:
-    """Plain keys are ``torch._dynamo.config`` attributes; ``torch.``-prefixed keys are full attribute paths."""
-    if not settings:
-        return
+# (object, attribute, previous value) of every setting apply_dynamo_settings changed, in order: a recipe that
+# fails (generate --vram falls back on out-of-memory) must not leave its compiler settings on for the next one
+_DYNAMO_JOURNAL: list[tuple] = []
+
+
+def _dynamo_target(key: str):
     import torch._dynamo
 
+    obj, attr = torch._dynamo.config, key
+    if key.startswith("torch."):
+        *path, attr = key.split(".")[1:]
+        obj = torch
+        for part in path:
+            obj = getattr(obj, part)
+    return obj, attr
+
+
+def dynamo_mark() -> int:
+    """A point to return to with ``restore_dynamo_settings``."""
+    return len(_DYNAMO_JOURNAL)
+
+
+def restore_dynamo_settings(mark: int) -> dict:
+    """Undo every setting ``apply_dynamo_settings`` changed since ``mark``, newest first; returns {key: value put
+    back}."""
+    restored = {}
+    while len(_DYNAMO_JOURNAL) > mark:
+        obj, attr, old, key = _DYNAMO_JOURNAL.pop()
+        setattr(obj, attr, old)
+        restored[key] = old
+    return restored
+
+
+def apply_dynamo_settings(settings: dict, manifest: Manifest) -> None:
+    """Plain keys are ``torch._dynamo.config`` attributes; ``torch.``-prefixed keys are full attribute paths.
+    The previous values are journaled (``dynamo_mark`` / ``restore_dynamo_settings``)."""
+    if not settings:
+        return
     for k, v in settings.items():
-        obj, attr = torch._dynamo.config, k
-        if k.startswith("torch."):
-            *path, attr = k.split(".")[1:]
-            obj = torch
-            for part in path:
-                obj = getattr(obj, part)
+        obj, attr = _dynamo_target(k)
+        _DYNAMO_JOURNAL.append((obj, attr, getattr(obj, attr), k))
         setattr(obj, attr, v)
     manifest.add("dynamo-config", settings=settings,
                  api="torch._dynamo.config.<key> = <value>; torch.<path> = <value> for full paths")
@@ -212,7 +249,14 @@ def load_component(
         if fuse:  # before quantizing, as flux-fast does: the fused layers are quantized like the others
             runtime.fuse_qkv(module, manifest)
         if q is not None:
-            manifest.add(**{"component": component, **q.quantize_component(module, component, value, device)})
+            if recipe.offload_kind == "stream" and device.type == "cuda" and component in ("transformer",
+                                                                                          "text_encoder_2"):
+                from . import stream  # one block at a time on the GPU, then to host memory (a budget holds)
+
+                entry = stream.quantize_streamed(module, component, value, device)
+            else:
+                entry = q.quantize_component(module, component, value, device)
+            manifest.add(**{"component": component, **entry})
         return module
     # hub id or local directory: the real from_pretrained path, quantizing on load where the backend can.
     # A pre-quantized checkpoint (vramfit quantize) carries its quantization_config: it loads as saved.
@@ -282,6 +326,10 @@ def load_device_for(recipe: Recipe, device: torch.device, component: str) -> tor
     keeps it there, unless its quantization only runs on the GPU (CUDA-only kernels; bitsandbytes quantizes as
     it moves to the GPU), in which case the quantized component passes through the GPU once while loading."""
     value = getattr(recipe, component)
+    if recipe.offload_kind == "stream":
+        from . import stream
+
+        return stream.load_device(value, device, component)
     if recipe.offload not in ACCELERATOR_OFFLOADS:
         return device  # resident or staged
     if value in PRECISIONS:
@@ -307,6 +355,11 @@ def build_pipeline(spec, weights, recipe: Recipe, device: torch.device, manifest
 def apply_offload(pipe, recipe: Recipe, device: torch.device, manifest: Manifest) -> None:
     o = recipe.offload
     if o in ("none", "staged"):
+        return
+    if recipe.offload_kind == "stream":
+        from . import stream
+
+        stream.apply_stream(pipe, recipe, device, manifest)
         return
     if o == "model":
         pipe.enable_model_cpu_offload(device=device)

@@ -1,0 +1,222 @@
+"""The streaming executor (offload=stream) on CPU with flux-tiny: which blocks are resident, the slot ring, bytes
+moved, the packed host copy held once, and outputs bit-identical to the resident module for every backend that
+runs on CPU. On CPU the slots are CPU buffers and copies are synchronous; the code path is the GPU's."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from vramfit import models, quant, stream
+from vramfit.errors import RecipeError
+from vramfit.recipe import Recipe
+from vramfit.run import Runner, request_for
+
+warnings.filterwarnings("ignore")
+SPEC = models.get_model("flux-tiny")
+CPU = torch.device("cpu")
+# every CPU-capable family: bf16, bnb 4-bit and 8-bit, torchao int8 weight-only, quanto int8 and int4 (nested
+# packed subclass), diffusers fp8 layerwise casting (hooks), GGUF
+BACKENDS = ["bf16", "bnb-nf4", "bnb-int8", "torchao-int8wo", "quanto-int8", "quanto-int4", "fp8-layerwise",
+            "gguf-q4_1"]
+
+
+def tiny(value="bf16"):
+    m = models.build_random_component(SPEC, "transformer", 0, "cpu", torch.bfloat16)
+    if value != "bf16":
+        quant.quantize_component(m, "transformer", value, "cpu")
+    return m
+
+
+def inputs(seed=0, seq=64, txt=16):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(1, seq, 64, generator=g).bfloat16(),
+        encoder_hidden_states=torch.randn(1, txt, 64, generator=g).bfloat16(),
+        pooled_projections=torch.randn(1, 32, generator=g).bfloat16(),
+        timestep=torch.full((1,), 0.5).bfloat16(), img_ids=torch.zeros(seq, 3), txt_ids=torch.zeros(txt, 3),
+        guidance=torch.full((1,), 3.5).bfloat16(), return_dict=False,
+    )
+
+
+def forward(m, seed=0):
+    with torch.no_grad():
+        return m(**inputs(seed))[0].float()
+
+
+@pytest.mark.parametrize("value", BACKENDS)
+def test_streamed_output_is_bit_identical_and_uses_the_slots(value):
+    ref_model = tiny(value)
+    ref = [forward(ref_model, s) for s in (0, 1)]
+    m = tiny(value)
+    ex = stream.attach(m, "transformer", CPU, k=1)
+    assert ex.info["streamed"] == 3 and ex.info["layouts"] == 2  # double and single blocks: one template each
+    for _ in range(2):  # a second pass runs through the ring again
+        out = [forward(m, s) for s in (0, 1)]
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    # the streamed blocks really compute from the copied bytes: wipe the host regions and the output changes
+    ex.host.zero_()
+    for b in ex.slot_bufs:
+        b.zero_()
+    ex.slot_holds = [None] * ex.slots
+    assert not torch.equal(forward(m, 0), ref[0])
+
+
+def test_resident_blocks_are_the_largest_and_the_ring_reuses_slots_in_order():
+    m = tiny()
+    ex = stream.attach(m, "transformer", CPU, k=1, trace=True)
+    sizes = {b.name: b.layout.nbytes for b in ex.blocks}
+    assert sizes["transformer_blocks.0"] > sizes["single_transformer_blocks.0"]  # double blocks are larger
+    assert ex.info["resident"] == ["transformer_blocks.0"]
+    assert [b.name for b in ex.streamed] == ["transformer_blocks.1", "single_transformer_blocks.0",
+                                             "single_transformer_blocks.1"]
+    assert isinstance(m.transformer_blocks[1], stream.StreamedBlock)
+    assert not isinstance(m.transformer_blocks[0], stream.StreamedBlock)
+    forward(m)
+    forward(m)
+    # copies run ahead by one slot and wrap into the next step: block, slot
+    assert ex.log == [(0, 0), (1, 1), (2, 0), (0, 1), (1, 0), (2, 1), (0, 0), (1, 1)]
+    per_block = [b.layout.nbytes for b in ex.streamed]
+    assert ex.bytes_copied == sum(per_block[p] for p, _ in ex.log)
+    assert ex.info["bytes_streamed_per_pass"] == sum(per_block)
+    assert ex.info["slot_bytes"] == 2 * max(per_block)
+
+
+def test_host_blocks_are_held_once_in_the_packed_buffer_and_outside_the_module_tree():
+    m = tiny("bnb-nf4")
+    ex = stream.attach(m, "transformer", CPU, k=2)
+    lo, hi = ex.host.data_ptr(), ex.host.data_ptr() + ex.host.numel()
+    for b in ex.streamed:
+        parts = [p for t in [*b.module.parameters(), *b.module.buffers()] for p in quant._tensor_parts(t)]
+        assert parts and all(lo <= p.data_ptr() < hi for p in parts)  # data, absmax, code: all views of one buffer
+    in_tree = {p.data_ptr() for p in m.parameters()}
+    assert not any(lo <= p < hi for p in in_tree)  # the component's tree holds templates (slots), not host blocks
+    assert ex.info["pinned_host_bytes"] == ex.host.numel() >= ex.info["bytes_streamed_per_pass"]
+    assert ex.info["pinned"] is False  # pinning needs CUDA; on CPU the buffer is plain host memory
+
+
+def test_k_bounds_and_detach():
+    n = 4  # flux-tiny: 2 double + 2 single blocks
+    with pytest.raises(RecipeError, match=r"has 4 blocks.*Alternative: offload=stream:4"):
+        stream.attach(tiny(), "transformer", CPU, k=n + 1)
+    ref = forward(tiny())
+    m = tiny()
+    ex = stream.attach(m, "transformer", CPU, k=n)  # all resident: nothing streams
+    assert ex.info["streamed"] == 0 and ex.info["bytes_streamed_per_pass"] == 0
+    assert torch.equal(forward(m), ref)
+    m = tiny()
+    ex = stream.attach(m, "transformer", CPU, k=0)
+    assert ex.info["streamed"] == n
+    ex.detach()
+    assert not any(isinstance(b, stream.StreamedBlock) for b in m.modules())
+    assert not hasattr(m, "stream_templates")
+    assert torch.equal(forward(m), ref)  # the original blocks (now views of the host buffer) run as before
+
+
+def test_load_placement_and_k_resolution(monkeypatch):
+    gpu = torch.device("cuda")
+    # bf16, fp8 casting and GGUF bytes load in host memory; device quantizers run on the GPU one block at a time
+    for value in ("bf16", "fp8-layerwise", "gguf-q4_1"):
+        assert stream.load_device(value, gpu, "transformer") == CPU
+    for value in ("bnb-nf4", "torchao-int8wo", "quanto-int8", "torchao-int4wo"):
+        assert stream.load_device(value, gpu, "transformer") == gpu
+    assert stream.load_device("bf16", gpu, "text_encoder_2") == CPU
+    assert stream.load_device("bnb-nf4", CPU, "transformer") == CPU
+    assert stream.load_device("bf16", gpu, "vae") == gpu and stream.load_device("bf16", gpu, "text_encoder") == gpu
+    assert stream.resolve_k(Recipe.parse("offload=stream:3")) == (3, "recipe")
+    assert stream.resolve_k(Recipe.parse("offload=stream"))[0] == 0
+    from vramfit import plan
+
+    monkeypatch.setattr(plan, "stream_k", lambda model, recipe, shape, budget, gpu: 5, raising=False)
+    assert stream.resolve_k(Recipe.parse("offload=stream"), spec=SPEC, vram_budget_bytes=8e9) == (5, "plan.stream_k")
+    assert str(stream.resolve(Recipe.parse("nf4,offload=stream"), spec=SPEC, vram_budget_bytes=8e9)).count(
+        "offload=stream:5") == 1
+
+
+@pytest.mark.parametrize("value", ["bf16", "bnb-nf4"])
+def test_pipeline_stream_matches_offload_none(value):
+    """Whole pipeline: transformer streamed with K=1, T5 streamed with K=0; latents and image bit-identical."""
+    req = request_for(SPEC, "a red bicycle", steps=2, seed=5)
+    out = {}
+    for off in ("none", "stream:1"):
+        r = Runner(SPEC, models.resolve_weights(SPEC, "random"),
+                   Recipe.parse(f"transformer={value},text_encoder_2={value},offload={off}"), CPU, progress=False)
+        res = r.generate(req)
+        out[off] = (res.latents, res.image.tobytes(), res.record, r)
+    assert torch.equal(out["none"][0], out["stream:1"][0])
+    assert out["none"][1] == out["stream:1"][1]
+    entry = [s for s in out["stream:1"][2]["manifest"] if s["step"] == "offload"][0]
+    assert entry["strategy"] == "stream" and entry["verified"] and entry["k"] == 1 and entry["slots"] == 2
+    assert entry["components"]["transformer"]["streamed"] == 3
+    assert entry["components"]["text_encoder_2"]["k"] == 0
+    assert entry["components"]["text_encoder_2"]["streamed"] == SPEC.config("text_encoder_2")["num_layers"]
+    assert entry["bytes_streamed_per_step"] == entry["components"]["transformer"]["bytes_streamed_per_pass"] > 0
+    counts = stream.measured(out["stream:1"][3].pipe)
+    # 2 steps x 3 streamed blocks, plus the copy issued ahead into the ring after the last block
+    assert counts["transformer"]["copies"] == 2 * 3 + 2
+
+
+@pytest.mark.slow
+def test_stream_with_regional_compile_matches_resident_compile():
+    req = request_for(SPEC, "a red bicycle", steps=2, seed=5)
+    lat = {}
+    for off in ("none", "stream:1"):
+        r = Runner(SPEC, models.resolve_weights(SPEC, "random"), Recipe.parse(f"compile=regional,offload={off}"), CPU,
+                   progress=False)
+        res = r.generate(req)
+        lat[off] = res.latents
+        comp = [s for s in res.record["manifest"] if s["step"] == "compile"][0]
+        assert comp["verified"]
+    assert torch.equal(lat["none"], lat["stream:1"])
+
+
+def test_stream_recipes_pass_the_checks_and_compile_full_is_refused():
+    from vramfit import apply
+
+    for text in ("offload=stream", "transformer=bnb-nf4,text_encoder_2=bnb-nf4,offload=stream:3,compile=regional",
+                 "transformer=quanto-int8,offload=stream:0", "transformer=gguf-q4_1,offload=stream"):
+        apply.check(Recipe.parse(text), CPU)  # every CPU backend streams, on CPU too
+    with pytest.raises(RecipeError, match="compile=full with offload=stream.*Alternative: offload=stream with "
+                                          "compile=regional"):
+        apply.check(Recipe.parse("offload=stream:2,compile=full"), CPU)
+
+
+@pytest.mark.parametrize("value", ["bnb-nf4", "torchao-int8wo", "quanto-int8"])
+def test_blockwise_quantization_gives_the_resident_bytes(value):
+    """Under a budget the streamed components are quantized one block at a time (then moved to host memory): the
+    same library call per linear, the component's skip list kept (T5's wo stays unquantized), same outputs."""
+    for component in ("transformer", "text_encoder_2"):
+        a = models.build_random_component(SPEC, component, 0, "cpu", torch.bfloat16)
+        b = models.build_random_component(SPEC, component, 0, "cpu", torch.bfloat16)
+        quant.quantize_component(a, component, value, "cpu")
+        entry = stream.quantize_streamed(b, component, value, "cpu")
+        assert quant.quantized_classes(a) == quant.quantized_classes(b) == entry["classes"]
+        assert quant.weight_bytes(a) == entry["weight_bytes"]
+        if component == "transformer":
+            assert torch.equal(forward(a), forward(b))
+        else:
+            ids = torch.arange(12).unsqueeze(0)
+            with torch.no_grad():
+                assert torch.equal(a(ids).last_hidden_state, b(ids).last_hidden_state)
+            wo = [m for n, m in b.named_modules() if n.endswith("DenseReluDense.wo")]
+            assert wo and all(type(m) is torch.nn.Linear for m in wo)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", ["bf16", "bnb-nf4", "torchao-int8wo", "quanto-int8", "fp8-layerwise"])
+def test_cuda_stream_matches_offload_none(value):
+    """The CUDA path (pinned host buffer, copy stream, events, block-wise quantization on the GPU): bit-identical."""
+    gpu = torch.device("cuda")
+    req = request_for(SPEC, "a red bicycle", steps=2, seed=5)
+    lat = {}
+    for off in ("none", "stream:1"):
+        r = Runner(SPEC, models.resolve_weights(SPEC, "random"),
+                   Recipe.parse(f"transformer={value},text_encoder_2={value},offload={off}"), gpu, progress=False)
+        lat[off] = r.generate(req).latents
+        if off != "none":
+            ex = r.pipe._vramfit_stream["transformer"]
+            assert ex.pinned and ex.host.is_pinned()
+            assert stream.measured(r.pipe)["transformer"]["copies"] == 2 * 3 + 2
+    assert torch.equal(lat["none"], lat["stream:1"])

@@ -1,0 +1,749 @@
+"""The weight-streaming executor (``offload=stream``): K blocks resident, the rest streamed from pinned host memory.
+
+A component's repeated blocks (FLUX: 19 double + 38 single transformer blocks; T5: its 24 encoder blocks), in
+execution order, are split into K resident blocks and the streamed rest. Each streamed block is **packed once**
+into one contiguous region of a single host buffer (pinned in place with ``cudaHostRegister``, so there is no
+second host copy) and the block's own tensors are rebound as views of that region. The GPU holds a ring of R slots:
+each slot is one contiguous buffer plus a *template* module per distinct block layout (double vs single block,
+T5's block 0 with its relative-attention bias), whose tensors are views into the slot. A side CUDA stream copies
+the next blocks' regions into their slots (one ``cudaMemcpyAsync`` per block) while the current block computes;
+events order copy-before-compute and compute-before-slot-reuse, so compute waits only when the link is behind.
+
+What moves is the packed bytes, exactly as they are used when resident: bitsandbytes ``Params4bit`` data with its
+``quant_state`` (absmax, code, nested state), ``Int8Params`` data + ``SCB``, torchao and quanto tensor subclasses'
+inner tensors (``__tensor_flatten__``), ``GGUFParameter`` bytes (its ``quant_type`` kept), fp8 layerwise-cast weights
+(their diffusers hooks are copied with the template), bf16 as is. No subclass is moved with ``.to()`` (bitsandbytes'
+``Params4bit.to`` drops ``quant_state.code``, diffusers #10798): every plain inner tensor is copied and the subclass
+object rebuilt around the copy, so the kernels see the same bytes, dtypes, shapes and strides as when resident.
+
+Resident blocks: the K largest blocks (ties: first in execution order). Each resident block removes its own bytes
+from every step's copy, so per block of VRAM kept resident the largest save the most link time; in FLUX the 19
+double blocks are the largest and come first, so "largest first" is also "first K", and the prefetch of the first
+streamed block overlaps the resident blocks' compute. The prefetch runs cyclically: after the last streamed block
+the copies of the next step's first streamed blocks start at once.
+
+The wrapping is explicit and reversible: each streamed ``ModuleList`` entry is replaced by a ``StreamedBlock`` proxy
+(the original block is kept on the proxy, outside the module tree so ``.to()`` never moves it) and ``detach()``
+puts the blocks back; templates are registered under ``<component>.stream_templates``, so ``compile=regional``
+(``compile_repeated_blocks``) and ``set_attention_backend`` reach them, and their addresses are fixed.
+
+On CPU the same code runs with CPU slot buffers and synchronous copies (no streams or events): the tests cover the
+bookkeeping and the identity of outputs with ``offload=none``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import RecipeError
+
+ALIGN = 512  # bytes: every tensor region starts aligned for any dtype and for vectorised kernels
+BLOCK_ALIGN = 4096  # host regions start on a page
+DEFAULT_SLOTS = 2  # double buffering: one block computes while the next is copied (measured enough on the H200)
+# which ModuleLists hold a component's repeated blocks, in execution order
+COMPILE_FULL_WHY = ("compile=full with offload=stream: the executor issues copies and waits on CUDA events between "
+                    "blocks, in Python, so one fullgraph of the whole transformer cannot contain them")
+BLOCK_LISTS = {
+    "transformer": ("transformer_blocks", "single_transformer_blocks"),
+    "text_encoder_2": ("encoder.block",),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plain inner tensors of a parameter, buffer or tensor subclass, and rebuilding one around new plain tensors
+
+
+def _is_wrapper(t) -> bool:
+    """torchao / quanto wrapper subclasses: their data lives in inner tensors named by __tensor_flatten__."""
+    return type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
+def _is_state(v) -> bool:
+    """bitsandbytes QuantState (absmax/code/offset/state2) or MatmulLtState (CB/SCB): objects holding tensors."""
+    name = type(v).__name__
+    return name in ("QuantState", "MatmulLtState")
+
+
+def _state_items(st):
+    return [(k, v) for k, v in sorted(vars(st).items()) if isinstance(v, torch.Tensor) or _is_state(v)]
+
+
+def _walk(t, out: list, meta: list, path: str) -> None:
+    """Append ``t``'s plain tensors to ``out`` in a fixed order, and its non-tensor layout facts to ``meta``."""
+    if _is_state(t):
+        meta.append((path, type(t).__name__,
+                     tuple((k, repr(v)) for k, v in sorted(vars(t).items())
+                           if not isinstance(v, torch.Tensor) and not _is_state(v))))
+        for k, v in _state_items(t):
+            _walk(v, out, meta, f"{path}.{k}")
+        return
+    if _is_wrapper(t):
+        names, ctx = t.__tensor_flatten__()
+        meta.append((path, type(t).__name__, tuple(names), repr(ctx), tuple(t.shape), tuple(t.stride())))
+        for n in names:
+            _walk(getattr(t, n), out, meta, f"{path}.{n}")
+        return
+    out.append((path, t))
+    extra = getattr(t, "__dict__", None)
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and extra:
+        # Parameter subclasses holding their data directly (Params4bit, Int8Params, GGUFParameter): their
+        # attributes (quant_state, SCB/CB, quant_type) go with them
+        meta.append((path, type(t).__name__,
+                     tuple((k, repr(v)) for k, v in sorted(extra.items())
+                           if not isinstance(v, (torch.Tensor, torch.nn.Module)) and not _is_state(v))))
+        for k, v in sorted(extra.items()):
+            if isinstance(v, torch.Tensor) or _is_state(v):
+                _walk(v, out, meta, f"{path}.{k}")
+
+
+def _rebuild(t, new_plain, objmap: dict):
+    """A new object of ``t``'s type whose plain tensors are ``new_plain(old_plain)``; bitsandbytes state objects are
+    copied once per block (``objmap``), so a weight and its module keep sharing one state."""
+    if id(t) in objmap:
+        return objmap[id(t)]
+    if _is_state(t):
+        new = copy.copy(t)
+        objmap[id(t)] = new
+        for k, v in _state_items(t):
+            setattr(new, k, _rebuild(v, new_plain, objmap))
+        return new
+    if _is_wrapper(t):
+        names, ctx = t.__tensor_flatten__()
+        inner = {n: _rebuild(getattr(t, n), new_plain, objmap) for n in names}
+        new = type(t).__tensor_unflatten__(inner, ctx, t.size(), t.stride())
+        if isinstance(t, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=False)
+    else:
+        data = new_plain(t)
+        if type(t) is torch.Tensor:
+            new = data
+        elif type(t) is torch.nn.Parameter:
+            new = torch.nn.Parameter(data, requires_grad=False)
+        else:  # Params4bit, Int8Params, GGUFParameter: same class around the new data, attributes carried over
+            new = torch.Tensor._make_subclass(type(t), data, False)
+            for k, v in vars(t).items():
+                if isinstance(v, torch.Tensor) or _is_state(v):
+                    v = _rebuild(v, new_plain, objmap)
+                setattr(new, k, v)
+    objmap[id(t)] = new
+    return new
+
+
+def _owned_tensors(module: torch.nn.Module):
+    """(kind, name, value) for the tensors a module holds directly: parameters, buffers, and plain attributes that
+    are tensors or bitsandbytes states (Linear8bitLt.state holds CB/SCB after its first forward)."""
+    for n, p in module._parameters.items():
+        if p is not None:
+            yield "param", n, p
+    for n, b in module._buffers.items():
+        if b is not None:
+            yield "buffer", n, b
+    for n, v in vars(module).items():
+        if n.startswith("_"):
+            continue
+        if isinstance(v, torch.Tensor) or _is_state(v):
+            yield "attr", n, v
+
+
+def _set_owned(module, kind, name, value) -> None:
+    if kind == "param":
+        module._parameters[name] = value
+    elif kind == "buffer":
+        module._buffers[name] = value
+    else:
+        object.__setattr__(module, name, value)
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass
+class Layout:
+    """Where each distinct plain tensor of a block lives in its packed region, and the block's layout signature."""
+    regions: list  # (key, offset, dtype, shape, stride, nbytes), one per distinct tensor
+    index: dict  # tensor key -> region position
+    nbytes: int
+    signature: tuple
+
+    def view(self, buf: torch.Tensor, pos: int) -> torch.Tensor:
+        _, off, dtype, shape, stride, nbytes = self.regions[pos]
+        flat = buf[off:off + nbytes] if nbytes else buf[:0]
+        if dtype == torch.uint8:
+            return flat.as_strided(shape, stride) if nbytes else flat.new_empty(shape)
+        return flat.view(dtype).as_strided(shape, stride) if nbytes else flat.view(dtype).new_empty(shape)
+
+
+def _key(t: torch.Tensor):
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def block_layout(block: torch.nn.Module) -> Layout:
+    regions, index, off = [], {}, 0
+    sig = []
+    for mname, mod in block.named_modules():
+        for kind, name, v in _owned_tensors(mod):
+            plain, meta = [], []
+            _walk(v, plain, meta, f"{mname}.{name}")
+            sig.append((kind, f"{mname}.{name}", type(v).__name__, tuple(meta)))
+            for path, t in plain:
+                k = _key(t)
+                if k not in index:
+                    off = _align(off, ALIGN)
+                    nb = _span_bytes(t)
+                    index[k] = len(regions)
+                    regions.append((k, off, t.dtype, tuple(t.shape), tuple(t.stride()), nb))
+                    off += nb
+                r = regions[index[k]]
+                sig.append((path, str(t.dtype), r[3], r[4], r[1]))
+    # hooks and forward replacements are part of what a block does (fp8 layerwise casting): same kinds everywhere
+    sig.append(tuple(sorted(type(getattr(m, "_diffusers_hook", None)).__name__ for _, m in block.named_modules())))
+    return Layout(regions, index, _align(off, ALIGN), tuple(sig))
+
+
+def _rebind(block: torch.nn.Module, layout: Layout, buf: torch.Tensor, copy_data: bool) -> None:
+    """Rebind every tensor of ``block`` (in place) to its view in ``buf``, copying the data first if asked."""
+    views: dict = {}
+
+    def new_plain(t):
+        pos = layout.index[_key(t)]
+        if pos not in views:
+            v = layout.view(buf, pos)
+            if copy_data and v.numel():
+                v.copy_(t)
+            views[pos] = v
+        return views[pos]
+
+    objmap: dict = {}
+    for mod in block.modules():
+        for kind, name, v in list(_owned_tensors(mod)):
+            _set_owned(mod, kind, name, _rebuild(v, new_plain, objmap))
+    _fix_module_refs(block)
+
+
+def _fix_module_refs(block: torch.nn.Module) -> None:
+    # Params4bit keeps a reference to its Linear4bit (fix_4bit_weight_quant_state_from_module)
+    for mod in block.modules():
+        w = mod._parameters.get("weight")
+        if w is not None and isinstance(getattr(w, "module", None), torch.nn.Module):
+            w.module = mod
+
+
+def _template(block: torch.nn.Module, layout: Layout, buf: torch.Tensor) -> torch.nn.Module:
+    """A copy of ``block``'s structure (modules, hooks, attention processors) whose tensors are views of ``buf``.
+    Tensors are rebuilt, never deep-copied (deepcopy of quanto and GGUF parameters fails, and would copy bytes)."""
+    views: dict = {}
+
+    def new_plain(t):
+        pos = layout.index[_key(t)]
+        if pos not in views:
+            views[pos] = layout.view(buf, pos)
+        return views[pos]
+
+    objmap: dict = {}
+    memo: dict = {}
+    for mod in block.modules():
+        for kind, name, v in _owned_tensors(mod):
+            memo[id(v)] = _rebuild(v, new_plain, objmap)
+    for old_id, new in list(objmap.items()):  # states reached through parameters
+        memo.setdefault(old_id, new)
+    tmpl = copy.deepcopy(block, memo)
+    _fix_module_refs(tmpl)
+    _rehook(block, tmpl)
+    return tmpl
+
+
+def _rehook(block: torch.nn.Module, tmpl: torch.nn.Module) -> None:
+    """diffusers hooks (fp8 layerwise casting) wrap ``forward`` in closures that deepcopy does not copy: the copy's
+    forward would still run the original module. Register fresh copies of the same hooks, in order, on the template."""
+    for (name, m), (_, t) in zip(block.named_modules(), tmpl.named_modules()):
+        reg = getattr(m, "_diffusers_hook", None)
+        if reg is None:
+            continue
+        from diffusers.hooks import HookRegistry
+
+        t.__dict__.pop("forward", None)
+        del t._diffusers_hook
+        new = HookRegistry.check_if_exists_or_initialize(t)
+        for hook_name in reg._hook_order:
+            hook = copy.copy(reg.hooks[hook_name])
+            if getattr(hook, "_is_stateful", False):
+                raise RecipeError(f"offload=stream: {name} carries the stateful diffusers hook {hook_name!r}, which a "
+                                  "shared template cannot hold. Alternative: offload=none")
+            new.register_hook(hook, hook_name)
+
+
+def _cpu_pack_bnb4(module: torch.nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks each 4-bit weight at its first eval forward (in place). Do it
+    once before packing so host blocks and templates hold the format the kernels use (as a resident module would
+    after its first forward); a template would otherwise repack its slot view into a new tensor."""
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for m in module.modules():
+        if isinstance(m, Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False) and not m.training:
+            from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+            fix_4bit_weight_quant_state_from_module(m)
+            qs = m.weight.quant_state
+            if not getattr(qs, "packing_format_for_cpu", False):
+                m.weight.data, _ = _convert_weight_packed_for_cpu(m.weight.data, qs)
+
+
+def _to_device(module: torch.nn.Module, device: torch.device, skip: set) -> int:
+    """Move every tensor of ``module`` outside the ``skip`` modules to ``device`` by copying plain inner tensors and
+    rebuilding the subclasses around them (never ``.to()`` on a subclass). Returns the bytes moved."""
+    moved = {}
+
+    def new_plain(t):
+        k = _key(t)
+        if k not in moved:
+            moved[k] = t if t.device == device else t.to(device)
+        return moved[k]
+
+    objmap: dict = {}
+    stack = [module]
+    while stack:
+        mod = stack.pop()
+        if id(mod) in skip:
+            continue
+        for kind, name, v in list(_owned_tensors(mod)):
+            _set_owned(mod, kind, name, _rebuild(v, new_plain, objmap))
+        stack.extend(mod._modules.values() if mod._modules else ())
+    _fix_module_refs(module)
+    return sum(t.untyped_storage().nbytes() for k, t in moved.items() if k[4] != device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the executor
+
+
+class StreamedBlock(torch.nn.Module):
+    """Stands in a ModuleList for a streamed block: runs it on its slot's template. The original block is kept in
+    ``host_block`` (not a submodule: ``.to()``/``state_dict`` of the component do not see it)."""
+
+    def __init__(self, executor: "BlockStream", pos: int, host_block: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "executor", executor)
+        object.__setattr__(self, "host_block", host_block)
+        self.pos = pos
+
+    def forward(self, *args, **kwargs):
+        return self.executor.run(self.pos, args, kwargs)
+
+    def extra_repr(self) -> str:
+        return f"pos={self.pos}, streams {type(self.host_block).__name__}"
+
+
+@dataclass
+class _Block:
+    name: str  # e.g. "transformer_blocks.3"
+    parent: torch.nn.ModuleList
+    index: int
+    module: torch.nn.Module
+    layout: Layout
+
+
+@dataclass
+class BlockStream:
+    """K resident blocks, the rest packed in one pinned host buffer and run through a ring of R device slots."""
+    component: str
+    root: torch.nn.Module
+    device: torch.device
+    k: int
+    slots: int = DEFAULT_SLOTS
+    trace: bool = False
+    blocks: list = field(default_factory=list)
+    streamed: list = field(default_factory=list)  # _Block, in execution order
+    resident: list = field(default_factory=list)
+    log: list = field(default_factory=list)  # (pos, slot) per copy issued, when trace
+    copies: int = 0
+    bytes_copied: int = 0
+
+    # ------------------------------------------------------------------ setup
+    def attach(self) -> dict:
+        cuda = self.device.type == "cuda"
+        if not cuda:
+            _cpu_pack_bnb4(self.root)
+        self.blocks = _find_blocks(self.root, self.component)
+        n = len(self.blocks)
+        if not 0 <= self.k <= n:
+            raise RecipeError(
+                f"offload=stream:{self.k}: the {self.component} has {n} blocks, so at most {n} can be resident. "
+                f"Alternative: offload=stream:{n} (all resident) or offload=stream (K from --vram)")
+        order = sorted(range(n), key=lambda i: (-self.blocks[i].layout.nbytes, i))
+        keep = set(order[:self.k])
+        self.resident = [b for i, b in enumerate(self.blocks) if i in keep]
+        self.streamed = [b for i, b in enumerate(self.blocks) if i not in keep]
+        skip = {id(b.module) for b in self.streamed}
+        moved = _to_device(self.root, self.device, skip)  # resident blocks and the non-block parts
+
+        # one host buffer for all streamed blocks, each block's region page-aligned; pinned in place
+        offs, total = [], 0
+        for b in self.streamed:
+            offs.append(total)
+            total = _align(total + b.layout.nbytes, BLOCK_ALIGN)
+        self.host = torch.empty(total, dtype=torch.uint8)
+        self.pinned = False
+        self.host_views = []
+        for b, off in zip(self.streamed, offs):
+            region = self.host[off:off + b.layout.nbytes]
+            _rebind(b.module, b.layout, region, copy_data=True)  # the old storages are freed here, block by block
+            packed = block_layout(b.module)  # keyed by the new (host view) tensors
+            if packed.signature != b.layout.signature or packed.nbytes != b.layout.nbytes:
+                raise RuntimeError(f"{self.component}.{b.name}: packing changed the block's layout")
+            b.layout = packed
+            self.host_views.append(region)
+        if cuda and total:
+            # pinned in place after packing: registering commits every page at once, so doing it before the copies
+            # would hold the unpacked component and the whole buffer in host memory together
+            err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), total, 0)
+            self.pinned = int(err) == 0 and self.host.is_pinned()
+            if not self.pinned:
+                raise RuntimeError(f"cudaHostRegister of {total} bytes failed (error {int(err)}): cannot pin the "
+                                   "streamed blocks' host buffer")
+
+        # the ring: R slot buffers on the device, and per slot one template per distinct layout
+        self.slots = max(1, min(self.slots, len(self.streamed))) if self.streamed else 0
+        slot_bytes = max((b.layout.nbytes for b in self.streamed), default=0)
+        self.slot_bufs = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
+        layouts = {}
+        for b in self.streamed:
+            layouts.setdefault(b.layout.signature, b)
+        self.layout_id = [list(layouts).index(b.layout.signature) for b in self.streamed]
+        self.templates = [[_template(rep.module, rep.layout, buf) for rep in layouts.values()]
+                          for buf in self.slot_bufs]
+        for row in self.templates:  # a template must be laid out exactly as the blocks it runs
+            for tmpl, (sig, rep) in zip(row, layouts.items()):
+                got = block_layout(tmpl).signature
+                if got != sig:
+                    diff = next((a, b) for a, b in zip(got, sig) if a != b) if len(got) == len(sig) else "length"
+                    raise RecipeError(
+                        f"offload=stream: the {self.component} template for {rep.name} is not laid out as the block "
+                        f"(first difference: {diff}). Alternative: offload=none or offload=group-leaf")
+        # diffusers layerwise casting re-casts weights in its hooks (module.to): rebind before every run
+        self.rebind_each_run = any(getattr(m, "_diffusers_hook", None) is not None
+                                   for t in layouts.values() for m in t.module.modules())
+        self._bindings = [[_bindings(t) for t in row] for row in self.templates]
+        if self.templates:
+            self.root.stream_templates = torch.nn.ModuleList([t for row in self.templates for t in row])
+        for pos, b in enumerate(self.streamed):
+            b.parent[b.index] = StreamedBlock(self, pos, b.module)
+
+        self.queue: deque = deque()  # (pos, slot) copied or in flight, not yet computed
+        self.next_slot = 0
+        self.slot_holds = [None] * self.slots  # which block's bytes each slot holds (or is receiving)
+        if cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.copied = [torch.cuda.Event() for _ in range(self.slots)]
+            self.computed = [torch.cuda.Event() for _ in range(self.slots)]
+            self._timing: list = []  # (copy start, copy end, nbytes) of the current pass
+            self._compute_timing: list = []  # (start, end) of each streamed block's compute
+            self.measured: dict = {}
+        return self.describe(moved)
+
+    def describe(self, moved_bytes: int = 0) -> dict:
+        return {
+            "blocks": len(self.blocks), "k": len(self.resident), "slots": self.slots,
+            "resident": [b.name for b in self.resident],
+            "streamed": len(self.streamed),
+            "layouts": len(self.templates[0]) if self.templates else 0,
+            "bytes_streamed_per_pass": sum(b.layout.nbytes for b in self.streamed),
+            "resident_block_bytes": sum(b.layout.nbytes for b in self.resident),
+            "slot_bytes": sum(int(s.numel()) for s in self.slot_bufs),
+            "pinned_host_bytes": int(self.host.numel()), "pinned": self.pinned,
+            "moved_to_device_bytes": moved_bytes,
+        }
+
+    def detach(self) -> None:
+        """Put the original blocks back in their ModuleLists (their tensors stay in host memory) and drop the ring."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for b in self.streamed:
+            b.parent[b.index] = b.module
+        if hasattr(self.root, "stream_templates"):
+            del self.root.stream_templates
+        if self.pinned:  # the blocks keep their host views; only the page lock goes
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            self.pinned = False
+        self.templates, self.slot_bufs, self.queue = [], [], deque()
+
+    # ------------------------------------------------------------------ running
+    def run(self, pos: int, args, kwargs):
+        if not self.queue or self.queue[0][0] != pos:
+            # first call, or the caller skipped or reordered blocks (a step cache): start the ring at this block.
+            # Copies still in flight land in their slots before any later copy there (one copy stream, in order)
+            self.queue.clear()
+            self._issue(pos)
+        self._fill()
+        _, slot = self.queue[0]
+        cuda = self.device.type == "cuda"
+        if cuda:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(self.copied[slot])
+            c0, c1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            c0.record(cur)  # after the wait: compute time excludes time spent waiting for the copy
+        if self.rebind_each_run:
+            _restore(self._bindings[slot][self.layout_id[pos]])
+        out = self.templates[slot][self.layout_id[pos]](*args, **kwargs)
+        if cuda:
+            c1.record(cur)
+            self.computed[slot].record(cur)
+            self._compute_timing.append((c0, c1))
+        self.queue.popleft()
+        self._fill()
+        if cuda and pos == len(self.streamed) - 1:
+            self._close_pass()
+        return out
+
+    def _fill(self) -> None:
+        while len(self.queue) < self.slots:
+            nxt = (self.queue[-1][0] + 1) % len(self.streamed)
+            self._issue(nxt)
+
+    def _issue(self, pos: int) -> None:
+        slot = self.next_slot
+        self.next_slot = (slot + 1) % self.slots
+        src = self.host_views[pos]
+        dst = self.slot_bufs[slot][:src.numel()]
+        if self.slot_holds[slot] == pos:  # still there (as many blocks as slots): nothing to copy
+            self.queue.append((pos, slot))
+            return
+        self.slot_holds[slot] = pos
+        if self.device.type == "cuda":
+            cs = self.copy_stream
+            cs.wait_event(self.computed[slot])  # the slot's previous block has finished computing
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(cs):
+                start.record(cs)
+                dst.copy_(src, non_blocking=True)
+                end.record(cs)
+                self.copied[slot].record(cs)
+            self._timing.append((start, end, src.numel()))
+        else:
+            dst.copy_(src)
+        self.queue.append((pos, slot))
+        self.copies += 1
+        self.bytes_copied += src.numel()
+        if self.trace:
+            self.log.append((pos, slot))
+
+    def _close_pass(self) -> None:
+        """Copy time of the previous pass, read from its events once they have completed (no host sync)."""
+        done = [t for t in self._timing if t[1].query()]
+        if done:
+            ms = sum(s.elapsed_time(e) for s, e, _ in done)
+            nbytes = sum(n for _, _, n in done)
+            self.measured = {"copies": len(done), "copy_s": round(ms / 1e3, 5),
+                             "link_gb_s": round(nbytes / (ms / 1e3) / 1e9, 2) if ms > 0 else None}
+        cdone = [t for t in self._compute_timing if t[1].query()]
+        if cdone:  # the streamed blocks' compute over the same window: copies hide when copy_s <= compute_s
+            self.measured["streamed_blocks_compute_s"] = round(sum(s.elapsed_time(e) for s, e in cdone) / 1e3, 5)
+            self.measured["computes"] = len(cdone)
+        self._timing = [t for t in self._timing if not t[1].query()]
+        self._compute_timing = [t for t in self._compute_timing if not t[1].query()]
+
+    def stats(self) -> dict:
+        """Counters, and on CUDA the measured copy time of the last pass (synchronizes)."""
+        out = {"copies": self.copies, "bytes_copied": self.bytes_copied}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._close_pass()
+            out.update(self.measured)
+        return out
+
+
+def _bindings(tmpl: torch.nn.Module) -> list:
+    return [(p, p.data) for m in tmpl.modules() for p in m._parameters.values()
+            if p is not None and not _is_wrapper(p)]
+
+
+def _restore(bindings) -> None:
+    for p, view in bindings:
+        if p.data_ptr() != view.data_ptr() or p.dtype != view.dtype:
+            p.data = view
+
+
+def _find_blocks(root: torch.nn.Module, component: str) -> list:
+    names = BLOCK_LISTS.get(component)
+    if names is None:
+        raise RecipeError(f"offload=stream streams the transformer and text_encoder_2 blocks, not {component}. "
+                          "Alternative: keep it resident")
+    out = []
+    for lname in names:
+        parent = root.get_submodule(lname)
+        if not isinstance(parent, torch.nn.ModuleList):
+            raise RecipeError(f"{component}.{lname} is not a ModuleList: cannot stream its blocks")
+        for i, m in enumerate(parent):
+            if isinstance(m, StreamedBlock):
+                raise RecipeError(f"{component} is already streamed")
+            out.append(_Block(f"{lname}.{i}", parent, i, m, block_layout(m)))
+    return out
+
+
+def attach(root: torch.nn.Module, component: str, device, k: int, slots: int = DEFAULT_SLOTS,
+           trace: bool = False) -> BlockStream:
+    ex = BlockStream(component, root, torch.device(device), k, slots, trace)
+    ex.info = ex.attach()
+    root._vramfit_stream = ex
+    return ex
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the recipe step: where components load, K, and the manifest entry
+
+
+# families whose quantizers run on the device (bitsandbytes and torchao kernels; quanto picks its packed layout by
+# device): quantized there, block by block, so the bytes match a resident run's exactly
+DEVICE_QUANTIZED = ("bnb", "torchao", "quanto")
+
+
+def load_device(value: str, device, component: str) -> torch.device:
+    """Where a component loads under ``offload=stream``. CLIP and the VAE are small (0.25 + 0.17 GB in bf16):
+    resident, on the device. The streamed components (transformer, T5): bf16, fp8 layerwise casting (an exact cast)
+    and GGUF (file bytes) in host memory; bitsandbytes, torchao and quanto on the device, where ``quantize_streamed``
+    quantizes one block at a time and moves it to host memory right after, so the whole component never sits on the
+    GPU and the bytes are those of a resident run."""
+    device = torch.device(device)
+    if component not in BLOCK_LISTS or device.type == "cpu":
+        return device
+    from .recipe import PRECISIONS
+
+    if value in PRECISIONS:
+        return torch.device("cpu")
+    from . import quant
+
+    spec = quant.get_spec(value)
+    return device if spec.needs_cuda or spec.family in DEVICE_QUANTIZED else torch.device("cpu")
+
+
+class _One(torch.nn.Module):
+    """Holds one block as ``b.0`` so the component's quantizer runs on it alone, with the component's skip list. In a
+    ModuleList, as in the component: quanto quantizes per element of the outermost ModuleLists (a block), and the
+    block's own inner ModuleLists (attn.to_out, ff.net) must not become units."""
+
+    def __init__(self, block: torch.nn.Module, skip: list):
+        super().__init__()
+        self.b = torch.nn.ModuleList([block])
+        self._keep_in_fp32_modules = skip
+
+
+def _block_skip(skip: list, path: str) -> list:
+    out = []
+    for k in skip:
+        if path == k or path.startswith(k + "."):
+            out.append("b.0")  # the whole block is left unquantized
+        elif k.startswith(path + "."):
+            out.append("b.0." + k[len(path) + 1:])
+        else:
+            out.append(k)  # suffix keys ("wo") match inside the block as they do in the component
+    return out
+
+
+def quantize_streamed(module: torch.nn.Module, component: str, value: str, device) -> dict:
+    """``quant.quantize_component`` one block at a time on ``device``, each block moved to host memory right after;
+    then the rest of the component (blocks set aside) on the device. Each linear is quantized by the same library
+    call as in a resident run, so the bytes are identical; the device holds at most one unquantized block."""
+    from . import quant
+
+    device = torch.device(device)
+    skip = quant._not_convert_keys(module)
+    host = torch.device("cpu")
+    lists = [(n, module.get_submodule(n)) for n in BLOCK_LISTS[component]]
+    n_blocks = 0
+    for lname, lst in lists:
+        for i, block in enumerate(lst):
+            quant.quantize_component(_One(block, _block_skip(skip, f"{lname}.{i}")), component, value, device)
+            _to_device(block, host, set())  # packed bytes leave the device before the next block comes
+            n_blocks += 1
+    saved = {lname: list(lst) for lname, lst in lists}
+    for _, lst in lists:  # the rest: quantized and placed by the component's own call, blocks set aside
+        for i in range(len(lst)):
+            lst[i] = torch.nn.Module()
+    entry = quant.quantize_component(module, component, value, device)
+    for lname, lst in lists:
+        for i, block in enumerate(saved[lname]):
+            lst[i] = block
+    entry["api"] = (f"{entry['api']}; per block on {device} then moved to host ({n_blocks} blocks, "
+                    f"vramfit.stream.quantize_streamed), then the rest on {device}")
+    entry["classes"] = quant.quantized_classes(module)
+    entry["quantized_modules"] = sum(entry["classes"].values())
+    entry["weight_bytes"] = quant.weight_bytes(module)
+    return entry
+
+
+def resolve_k(recipe, spec=None, shape=None, vram_budget_bytes=None, gpu=None) -> tuple[int, str]:
+    """K for this recipe and where it came from: ``stream:K`` as written; plain ``stream`` with a budget from the
+    planner's ``plan.stream_k``; without a budget K=0 (every block streamed: the least VRAM)."""
+    if recipe.stream_k is not None:
+        return recipe.stream_k, "recipe"
+    if vram_budget_bytes is None:
+        return 0, "no budget: every block streamed"
+    from . import plan
+
+    fn = getattr(plan, "stream_k", None)
+    if fn is None:  # the planner's K is not in this build yet
+        return 0, "planner has no stream_k in this build: every block streamed"
+    if isinstance(shape, tuple) and hasattr(plan, "Shape"):  # (height, width[, steps]) -> the planner's Shape
+        h, w, *rest = shape
+        shape = plan.Shape(h, w, rest[0] if rest else 28, 1, spec.max_sequence_length if spec is not None else 512)
+    return int(fn(spec.name if spec is not None else None, recipe, shape, vram_budget_bytes, gpu)), "plan.stream_k"
+
+
+def resolve(recipe, **kw):
+    """The recipe with ``offload=stream:K`` resolved (what a run records)."""
+    k, _ = resolve_k(recipe, **kw)
+    return recipe.with_(offload=f"stream:{k}")
+
+
+def apply_stream(pipe, recipe, device, manifest, k: int | None = None, slots: int = DEFAULT_SLOTS) -> dict:
+    """``offload=stream``: stream the transformer's blocks with K resident, and T5's blocks with none resident (it
+    runs once per image, so its copy is paid once per image, and it holds no VRAM between images). CLIP and the
+    VAE stay resident."""
+    device = torch.device(device)
+    source = "argument"
+    if k is None:
+        k, source = resolve_k(recipe)
+    comps, executors = {}, {}
+    for component, kk in (("transformer", k), ("text_encoder_2", 0)):
+        module = getattr(pipe, component, None)
+        if module is None:
+            continue
+        ex = attach(module, component, device, kk, slots)
+        executors[component] = ex
+        comps[component] = ex.info
+    for component in ("text_encoder", "vae"):  # resident; loaded on the device already (load_device)
+        module = getattr(pipe, component, None)
+        if module is not None:
+            _to_device(module, device, set())
+    proxies = {c: sum(isinstance(m, StreamedBlock) for m in getattr(pipe, c).modules()) for c in executors}
+    ok = all(proxies[c] == executors[c].info["streamed"] for c in executors)
+    entry = manifest.add(
+        "offload", strategy="stream", k=k, k_source=source, recipe_offload=f"stream:{k}", slots=slots,
+        api="vramfit.stream.attach(component, device, k, slots): blocks packed once in pinned host memory "
+            "(cudaHostRegister), copied per block on a side CUDA stream into a ring of device slots",
+        components=comps, verified=ok,
+        bytes_streamed_per_step=comps.get("transformer", {}).get("bytes_streamed_per_pass", 0),
+        pinned_host_bytes=sum(c["pinned_host_bytes"] for c in comps.values()),
+    )
+    pipe._vramfit_stream = executors
+    if not ok:
+        raise RuntimeError(f"offload=stream was requested but the proxies are not installed: {proxies}")
+    return entry
+
+
+def measured(pipe) -> dict:
+    """Per component: copies, bytes copied, and on CUDA the last pass's copy time and link rate (synchronizes)."""
+    return {c: ex.stats() for c, ex in getattr(pipe, "_vramfit_stream", {}).items()}
