@@ -1,6 +1,7 @@
 """Issue #12 on the H200, one call: the fastest FLUX.1-dev end to end, a step cache, and the compile cache's cold start.
 
-    PYTHONPATH=$PWD python3 benchmarks/device_speed.py --budget-s 330          # on the GPU machine, OUT=$OUT
+    bash benchmarks/device_round.sh speed:330                                  # device call, carry [".whl"]
+    PYTHONPATH=$PWD python3 benchmarks/device_speed.py --budget-s 330          # or directly; rows -> $OUT/speed.jsonl
     PYTHONPATH=$PWD python benchmarks/device_speed.py --smoke --out /tmp/speed  # the same code on flux-tiny, CPU
 
 Every scenario is a fresh process (``vramfit.bench``'s child: load, one cold run, ``repeats`` warm runs, fidelity of
@@ -22,7 +23,7 @@ fits what is left of ``--budget-s`` (else a row "not-run: budget" saying so):
    command limit -- a row with that reason unless the budget allows it).
 
 Estimated GPU time: ~465 s for 1-5 (the budget cuts what does not fit; 330 s runs 1-3 and says why 4-5 did not).
-Rows: ``$OUT/speed/results.jsonl`` (bench rows + ``speed`` fields: role, x vs bf16 eager, cache kind), the profile
+Rows: ``$OUT/speed.jsonl`` (bench rows + ``speed`` fields: role, x vs bf16 eager, cache kind), the profile
 row in the same file, and a summary table on stdout with the JSON summary as the last line.
 """
 
@@ -161,7 +162,9 @@ def run_profile(rows: list[dict], out: Path, device: str, smoke: bool, timeout: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget-s", type=float, default=330.0, help="total wall-time cap for all scenarios")
-    ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="results go to OUT/speed/")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="rows go to OUT/speed.jsonl")
+    ap.add_argument("--work", default="/tmp/vramfit-speed", help="scratch: reference tensors, images, compile cache "
+                    "(not brought back); the scenario logs are copied to OUT/logs/speed/")
     ap.add_argument("--smoke", action="store_true", help="flux-tiny on CPU: the same code, CPU stand-in recipes")
     ap.add_argument("--only", default=None, help="comma-separated scenario names")
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
@@ -169,18 +172,19 @@ def main() -> int:
     if args.profile_child:
         return breakdown_child(json.loads(args.profile_child))
     t_start = time.time()
-    out = Path(args.out) / "speed"
+    import shutil
+
+    out = Path(args.work)
+    shutil.rmtree(out, ignore_errors=True)  # empty reference, cache and logs: every row of this call is its own
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    results = out / bench.RESULTS
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    results = Path(args.out) / "speed.jsonl"
     device = "cpu" if args.smoke else "cuda"
     table = SMOKE if args.smoke else FULL
     if args.only:
         keep = set(args.only.split(","))
         table = [t for t in table if t[0] in keep or t[0] == "bf16"]  # the reference always runs
     cache_dir = out / "compile-cache"  # empty at the start of this script: fast-cold's start is uncached
-    import shutil
-
-    shutil.rmtree(cache_dir, ignore_errors=True)
     os.environ["VRAMFIT_CACHE_DIR"] = str(cache_dir)
     print(f"device_speed: {len(table)} scenarios, budget {args.budget_s:.0f} s, rows -> {results}", flush=True)
     print(bench.table_header(), flush=True)
@@ -213,6 +217,10 @@ def main() -> int:
                              "known-good recipe, empty compile cache (fast-cold failed)"))
         print(bench.table_line(row) if "steps" in row else f"{name:<30} {row['status']} {row.get('error') or ''}",
               flush=True)
+    logs = Path(args.out) / "logs" / "speed"  # device_round.sh packs OUT/logs into logs.tgz
+    logs.mkdir(parents=True, exist_ok=True)
+    for f in (out / "logs").glob("*.log"):
+        shutil.copy(f, logs / f.name)
     base = next((r for r in rows if r["scenario"] == "bf16" and r["status"] == "ok"), None)
     summary = {"schema": "vramfit.device-speed/1", "results": str(results), "wall_s": round(time.time() - t_start, 1),
                "rows": []}
