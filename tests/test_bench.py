@@ -216,6 +216,114 @@ def test_rerun_appends_and_resume_skips_done(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# writers killed mid-write (#13.7): real SIGKILLs, injected at the write or just before the rename
+
+KILLER = """
+import fnmatch, os, signal
+_replace_pat = os.environ.get("VRAMFIT_TEST_KILL_AT_REPLACE")
+if _replace_pat:
+    _real_replace = os.replace
+    def _replace(src, dst, *a, **k):
+        if fnmatch.fnmatch(os.fspath(dst), _replace_pat):  # the temp file is complete; the rename never happens
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _real_replace(src, dst, *a, **k)
+    os.replace = _replace
+if os.environ.get("VRAMFIT_TEST_KILL_IN_WRITE"):
+    _real_write = os.write
+    def _write(fd, data):
+        _real_write(fd, bytes(data)[: len(data) // 2])  # half the line reaches the file, then the process dies
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.write = _write
+"""
+
+
+def killer_env(tmp: Path, **env) -> dict:
+    import os
+
+    d = tmp / "killer"
+    d.mkdir(exist_ok=True)
+    (d / "sitecustomize.py").write_text(KILLER)
+    return {**os.environ, "PYTHONPATH": f"{d}:{Path(bench.__file__).parents[1]}", **env}
+
+
+def test_killed_writers_leave_whole_files(tmp_path):
+    target = tmp_path / "row.json"
+    target.write_text('{"old": 1}')
+    code = f"from vramfit import bench; bench.write_atomic(__import__('pathlib').Path({str(target)!r}), b'x' * 100000)"
+    p = subprocess.run([sys.executable, "-c", code], env=killer_env(tmp_path, VRAMFIT_TEST_KILL_AT_REPLACE="*row.json"))
+    assert p.returncode == -signal.SIGKILL
+    assert target.read_text() == '{"old": 1}'  # the old file, whole; the new one only as a .tmp beside it
+    assert [x.name for x in tmp_path.glob(".row.json.*.tmp")]
+
+    results = tmp_path / "results.jsonl"
+    bench.append_row(results, {"scenario": "a", "status": "ok"})
+    code = (f"from vramfit import bench; bench.append_row(__import__('pathlib').Path({str(results)!r}), "
+            "{'scenario': 'b', 'status': 'ok', 'pad': 'x' * 5000})")
+    p = subprocess.run([sys.executable, "-c", code], env=killer_env(tmp_path, VRAMFIT_TEST_KILL_IN_WRITE="1"))
+    assert p.returncode == -signal.SIGKILL
+    assert not results.read_text().endswith("\n")  # really torn
+    torn = []
+    assert [r["scenario"] for r in bench.read_rows(results, on_torn=lambda n, t: torn.append(n))] == ["a"]
+    assert torn == [2]  # skipped and reported, not a JSONDecodeError
+    note = bench.append_row(results, {"scenario": "c", "status": "ok"})
+    assert "torn" in note and "results.jsonl.torn" in note
+    assert [json.loads(x)["scenario"] for x in results.read_text().splitlines()] == ["a", "c"]  # every line parses
+    assert (tmp_path / "results.jsonl.torn").read_text().startswith('{"scenario": "b"')  # kept, not lost
+    assert bench.append_row(results, {"scenario": "d", "status": "ok"}) is None
+
+
+def test_torn_results_line_is_reported_on_resume(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    results = out / "results.jsonl"
+    results.write_text(json.dumps({"scenario": "x", "status": "ok"}) + "\n" + '{"scenario": "y", "sta')
+    f = toml(tmp_path, "b.toml", '[[scenario]]\nname = "x"\nrecipe = "bf16"\nskip = "s"\n'
+                                 '[[scenario]]\nname = "y"\nrecipe = "bf16"\nskip = "s"\n')
+    p = subprocess.run(bench_cmd(f, "--out", out, "--resume"), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "line 2 does not parse (torn by a kill" in p.stdout and "moved to results.jsonl.torn" in p.stdout
+    assert [json.loads(x)["scenario"] for x in results.read_text().splitlines()] == ["x", "y"]
+
+
+def test_reference_record_catches_truncation(tmp_path):
+    from PIL import Image
+
+    key = "k"
+    bench.write_reference(tmp_path, key, 0, torch.zeros(1, 4, 4), Image.new("RGB", (8, 8)))
+    assert bench.reference_problem(tmp_path, key, 0) is None
+    lat, png = bench.ref_paths(tmp_path, key, 0)
+    lat.write_bytes(lat.read_bytes()[:-7])  # a torn tensor file: exists, wrong size
+    assert "size or hash differs" in bench.reference_problem(tmp_path, key, 0)
+    assert bench.reference_problem(tmp_path, key, 1) == "missing"
+
+
+@pytest.mark.slow
+def test_reference_killed_before_rename_is_redone_on_resume(tmp_path):
+    """The bf16 reference child is SIGKILLed between writing the reference PNG and renaming it into place: the
+    results file stays readable (a crash row), and --resume finds the reference incomplete and makes it again."""
+    f = toml(tmp_path, "r.toml", '[[scenario]]\nname = "a"\nrecipe = "bf16"\n'
+                                 '[[scenario]]\nname = "s"\nrecipe = "staged"\n')
+    out = tmp_path / "o"
+    env = killer_env(tmp_path, VRAMFIT_TEST_KILL_AT_REPLACE="*/reference/*.png")
+    p = subprocess.run(bench_cmd(f, "--out", out, "--only", "a"), capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (row,) = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert (row["status"], row["exit_reason"]) == ("error", "crash") and "SIGKILL" in row["error"]
+    key = row["reference_key"]
+    lat, png = bench.ref_paths(out, key, 0)
+    assert lat.exists() and not png.exists()  # the old check (latents exist) would have trusted this
+    assert bench.reference_problem(out, key, 0) == "no completion record (cut short)"
+    p = subprocess.run(bench_cmd(f, "--out", out, "--resume", "--skip", "a"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "cut short); it is made again" in p.stdout
+    rows = bench.read_rows(out / "results.jsonl")
+    assert [(r["scenario"], r["status"]) for r in rows] == [("a", "error"), (f"reference:{key}", "ok"), ("s", "ok")]
+    assert bench.reference_problem(out, key, 0) is None
+    assert rows[2]["fidelity"]["error"] is None and rows[2]["fidelity"]["latent_rel_l2"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # scenario files and planning (no processes)
 
 

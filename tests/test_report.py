@@ -82,7 +82,24 @@ def test_report_is_offline_and_complete(results, tmp_path):
     html = (out / "index.html").read_text()
     assert html.count('src="data:image/png;base64,') == 3  # scatter, bars, grid embedded
     assert "random stand-in" in html and "NVIDIA H200" in html and "torch 2.11.0" in html
-    assert "nf4: measured more than once" in html
+    assert html.count("measured more than once") == 1
+    assert "1 scenario(s) measured more than once; the last row of each is shown: nf4 (2x)" in html
+    assert "1 torn line(s) skipped" in html
+
+
+def test_report_opens_with_chart_and_pareto_table(results, tmp_path):
+    report.make_report([results], tmp_path / "rep")
+    html = (tmp_path / "rep" / "index.html").read_text()
+    body = html[html.index("<body>"):]
+    order = [body.index(x) for x in ('<div id="chart">', '<table id="pareto">', 'id="summary"', "<h2>Provenance")]
+    assert order == sorted(order), order  # chart, then the Pareto table, then the rest
+    pareto_table = body[body.index('<table id="pareto">'):body.index("</table>", body.index('<table id="pareto">'))]
+    # front by latency: bf16 (0.18 s, 36 GB), nf4 (rerun row: 0.2 s, 8 GB), seq-offload (3.6 s, 2.6 GB);
+    # fp8 (0.21 s, 17 GB) and slow-big are beaten on both axes
+    names = re.findall(r"<tr><td class=\"\">([^<]+)</td>", pareto_table)
+    assert names == ["bf16", "nf4", "seq-offload"], names
+    md = (tmp_path / "rep" / "results.md").read_text()
+    assert md.index("## Pareto front") < md.index("## All rows") and md.count("measured more than once") == 1
 
 
 def test_table_data_has_every_row_and_error(results, tmp_path):

@@ -91,9 +91,7 @@ def problems(components: dict[str, str], offload: str, compile: str, attention: 
 
 
 # Recipe keys whose applying code is not part of this build yet: refused (never silently ignored) until it is.
-NOT_IN_THIS_BUILD = {
-    "compile_vae": "compile_vae=on", "fuse_qkv": "fuse_qkv=on", "cache": "cache=...", "host_sync": "host_sync=avoid",
-}
+NOT_IN_THIS_BUILD: dict[str, str] = {}  # recipe keys parsed but not yet applied (runtime.py applies the speed keys)
 
 
 def _unbuilt(recipe: Recipe):
@@ -101,9 +99,6 @@ def _unbuilt(recipe: Recipe):
     for key, shown in NOT_IN_THIS_BUILD.items():
         if getattr(recipe, key) != getattr(default, key):
             yield f"{shown} is not implemented in this build", f"leave {key} at {getattr(default, key)}"
-    if recipe.compile_graphs or recipe.compile_autotune:
-        yield (f"compile={recipe.compile}: CUDA graphs / max-autotune are not implemented in this build",
-               f"compile={recipe.compile_scope}")
     if recipe.offload_kind == "stream" and importlib.util.find_spec("vramfit.stream") is None:
         yield "offload=stream: the streaming executor is not part of this build", "offload=group-leaf or offload=model"
 
@@ -119,8 +114,12 @@ def check(recipe: Recipe, device: torch.device) -> dict:
             _check_attention_backend_requirements(recipe.attention)
         except (RuntimeError, ImportError, ValueError) as e:
             raise RecipeError(f"attention={recipe.attention} cannot run here: {e}. Alternative: attention=native")
+    from . import runtime
+
     for reason, alt in problems(recipe.components, recipe.offload_kind, recipe.compile_scope, recipe.attention,
                                 device.type):
+        raise RecipeError(f"{reason}. Alternative: {alt}")
+    for reason, alt in runtime.problems(recipe, device.type):
         raise RecipeError(f"{reason}. Alternative: {alt}")
     return _dynamo_for(recipe, quant_module() if recipe.quantized() else None, device.type)
 
@@ -152,6 +151,10 @@ def _dynamo_for(recipe: Recipe, q, device_type: str = "cuda") -> dict:
     if recipe.offload != "none" and "cache_size_limit" not in settings:
         # offload hooks add guards on module devices; the default limit of 8 recompiles falls back to eager
         settings["cache_size_limit"] = 64
+    if recipe.compile_scope == "full" and recipe.compile_autotune:
+        from .runtime import FLUX_FAST_INDUCTOR
+
+        settings.update(FLUX_FAST_INDUCTOR)  # flux-fast's inductor flags, with its fullgraph max-autotune compile
     return settings
 
 
@@ -233,10 +236,16 @@ def load_component(
     manifest: Manifest, gguf_file: str | None = None,
 ) -> torch.nn.Module:
     """Build or load one component as the recipe says, quantized if asked, placed on ``device``."""
+    from . import runtime
+
     value = getattr(recipe, component)
     dtype = DTYPES.get(value, torch.bfloat16)  # quantized components compute in bf16
     q = quant_module() if value not in PRECISIONS else None
+    fuse = component == "transformer" and runtime.on(recipe, "fuse_qkv", "off")
     if component == "transformer" and gguf_file:
+        if fuse:
+            raise RecipeError("fuse_qkv=on with a GGUF transformer: its weights stay packed GGUF bytes. "
+                              "Alternative: fuse_qkv=off")
         module = _load_gguf(spec, gguf_file, value, device, manifest)
         return module
     if weights.kind == "random":
@@ -247,6 +256,8 @@ def load_component(
         manifest.add("load", component=component, source=f"random seed={weights.seed}", dtype=str(dtype),
                      device=str(build_on), generated_on=str(models.random_generation_device(build_on)),
                      **_describe(module))
+        if fuse:  # before quantizing, as flux-fast does: the fused layers are quantized like the others
+            runtime.fuse_qkv(module, manifest)
         if q is not None:
             if recipe.offload_kind == "stream" and device.type == "cuda" and component in ("transformer",
                                                                                           "text_encoder_2"):
@@ -261,6 +272,8 @@ def load_component(
     # A pre-quantized checkpoint (vramfit quantize) carries its quantization_config: it loads as saved.
     prequantized = models.saved_quantization(weights, component) is not None
     qconfig = component_quantization_config(recipe, weights, component)
+    if fuse:
+        runtime.check_load(recipe, weights.kind, prequantized, qconfig is not None)
     kwargs = models.pretrained_load_kwargs(component, dtype, device, qconfig)
     module = models.load_pretrained_component(weights.path, component, dtype, device, quantization_config=qconfig)
     manifest.add("load", component=component, source=weights.path, dtype=str(dtype), device=str(device),
@@ -270,6 +283,8 @@ def load_component(
                  + (" (pre-quantized checkpoint: no re-quantization)" if prequantized else ""),
                  placed="by the backend while loading" if models.placed_by_backend(module) else f"module.to({str(device)!r})",
                  **_describe(module))
+    if fuse:
+        runtime.fuse_qkv(module, manifest)
     _after_load(module, component, value, device, manifest, qconfig)
     return module
 
@@ -460,7 +475,9 @@ def build_pipeline(spec, weights, recipe: Recipe, device: torch.device, manifest
                    form: str = "mapping"):
     """Everything at once (every offload strategy but staged): a hub id or a directory through ``load_pipeline``
     (pipeline-level quantization), random stand-ins component by component; then offload and runtime options."""
-    if weights.kind == "random":
+    # component by component: random stand-ins; fuse_qkv (fused before any quantizing, which the pipeline-level
+    # load cannot do); stream (each component placed where the executor wants it, see stream.load_device)
+    if weights.kind == "random" or recipe.fuse_qkv == "on" or recipe.offload_kind == "stream":
         comps = {
             c: load_component(spec, weights, recipe, c, load_device_for(recipe, device, c), manifest, gguf_file)
             for c in models.COMPONENTS
@@ -514,30 +531,9 @@ def apply_offload(pipe, recipe: Recipe, device: torch.device, manifest: Manifest
 
 
 def apply_runtime_options(pipe, recipe: Recipe, manifest: Manifest, components=None) -> None:
-    """VAE decode mode, attention backend and compile: applied to whichever components are loaded."""
+    """VAE decode mode, attention backend, step cache, compile, host-sync removal (``runtime``): applied to whichever
+    components are loaded, each verified."""
+    from . import runtime
+
     loaded = components if components is not None else {c: getattr(pipe, c) for c in models.COMPONENTS}
-    vae = loaded.get("vae")
-    if vae is not None and recipe.vae_decode != "none":
-        if recipe.vae_decode == "tiling":
-            vae.enable_tiling()
-            manifest.add("vae", mode="tiling", api="vae.enable_tiling()", verified=bool(vae.use_tiling))
-        else:
-            vae.enable_slicing()
-            manifest.add("vae", mode="slicing", api="vae.enable_slicing()", verified=bool(vae.use_slicing))
-    tr = loaded.get("transformer")
-    if tr is None:
-        return
-    if recipe.attention != "native":
-        tr.set_attention_backend(recipe.attention)
-        manifest.add("attention", backend=recipe.attention, api=f"transformer.set_attention_backend({recipe.attention!r})")
-    if recipe.compile == "regional":
-        # in place (module.compile): assigning a compiled wrapper would break offload hooks (DESIGN pitfalls)
-        tr.compile_repeated_blocks(fullgraph=True)
-        n = sum(1 for m in tr.modules() if getattr(m, "_compiled_call_impl", None) is not None)
-        manifest.add("compile", mode="regional", api="transformer.compile_repeated_blocks(fullgraph=True)",
-                     compiled_modules=n, verified=n > 0)
-    elif recipe.compile == "full":
-        tr.compile(fullgraph=True)
-        ok = getattr(tr, "_compiled_call_impl", None) is not None
-        manifest.add("compile", mode="full", api="transformer.compile(fullgraph=True)", compiled_modules=int(ok),
-                     verified=ok)
+    runtime.apply(pipe, recipe, manifest, loaded)

@@ -2,15 +2,17 @@
 
 Scenarios are data (TOML, see ``vramfit/scenarios/``). The parent process stays light (no torch): it parses the
 files, plans the bf16 reference runs, starts ``python -m vramfit.bench --one JOB`` per scenario, enforces the
-timeout, and appends one row per scenario to ``DIR/results.jsonl`` as soon as it finishes (append + fsync, so a
-crash or kill loses nothing already done). A scenario that fails is a row with its error and exit reason, never
+timeout, and appends one row per scenario to ``DIR/results.jsonl`` as soon as it finishes (one O_APPEND write +
+fsync; a torn last line left by a kill is moved aside and reported, never parsed). Every other file (the child's
+row, reference tensors, images) is written whole or not at all (temp file + fsync + rename), so a kill at any
+moment leaves a readable results file and a run that ``--resume`` can continue. A scenario that fails is a row with its error and exit reason, never
 a missing row.
 
 Per scenario the child loads once (load time, memory after load), runs once cold (includes compilation, reported
 separately), then ``repeats`` warm runs (median and p90 per stage), and scores each seed's image and final
 latents against the bf16 reference of the same model/size/steps/prompt/seed: PSNR and SSIM of the decoded images
 (scikit-image), relative L2 error of the latents. The reference is bf16, no offload, no compile, computed once
-per key and kept in ``DIR/reference/`` (latents ``.pt`` + PNG); a scenario whose recipe *is* the reference recipe
+per key and kept in ``DIR/reference/`` (latents ``.pt`` + PNG + a size/hash record written last); a scenario whose recipe *is* the reference recipe
 produces it, otherwise a dedicated reference run is added.
 """
 
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,11 +204,11 @@ def select(scenarios: list[Scenario], only: str | None, skip: str | None) -> lis
 # planning: which scenario produces which reference
 
 
-def plan(scenarios: list[Scenario], out: Path) -> list[Scenario]:
+def plan(scenarios: list[Scenario], out: Path, on_bad_reference=None) -> list[Scenario]:
     """Order the runs so each reference exists before the scenarios scored against it.
 
     Scenarios are grouped by reference key (in order of first appearance). A group whose reference files are not
-    in ``out`` yet starts with its producer: the group's own bf16 scenario if it has one (seeds widened to the
+    in ``out`` yet (or whose files fail their size/hash record: cut short by a kill) starts with its producer: the group's own bf16 scenario if it has one (seeds widened to the
     group's), else a dedicated ``reference`` run.
     """
     groups: dict[str, list[Scenario]] = {}
@@ -215,7 +218,13 @@ def plan(scenarios: list[Scenario], out: Path) -> list[Scenario]:
     for key, group in groups.items():
         live = [s for s in group if not s.skip]
         seeds = list(dict.fromkeys(x for s in live for x in s.seeds))
-        if live and not all(ref_paths(out, key, seed)[0].exists() for seed in seeds):
+        bad = {seed: reference_problem(out, key, seed) for seed in seeds}
+        bad = {seed: why for seed, why in bad.items() if why}
+        if live and bad:
+            if on_bad_reference is not None:
+                for seed, why in bad.items():
+                    if why != "missing":
+                        on_bad_reference(key, seed, why)
             producer = next((s for s in live if s.is_reference_recipe), None)
             if producer is None:
                 producer = replace(live[0], name=f"reference:{key}", recipe="bf16", expanded=_default_recipe(),
@@ -239,6 +248,41 @@ def ref_paths(out: Path, key: str, seed: int) -> tuple[Path, Path]:
     return base.with_suffix(".pt"), base.with_suffix(".png")
 
 
+def ref_record_path(out: Path, key: str, seed: int) -> Path:
+    return out / "reference" / f"{key}-s{seed}.json"
+
+
+def write_reference(out: Path, key: str, seed: int, latents, image) -> None:
+    """Latents and PNG, each written atomically, then a record of their sizes and hashes: the record is written
+    last, so a reference without a matching record was cut short and ``--resume`` makes it again."""
+    lat_path, png_path = ref_paths(out, key, seed)
+    lat_path.parent.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for path, data in ((lat_path, _tensor_bytes(latents)), (png_path, _png_bytes(image))):
+        write_atomic(path, data)
+        files[path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_atomic(ref_record_path(out, key, seed), json.dumps({"key": key, "seed": seed, "files": files}).encode())
+
+
+def reference_problem(out: Path, key: str, seed: int) -> str | None:
+    """None when the reference of (key, seed) is complete and unchanged since it was written; else why not."""
+    rec_path = ref_record_path(out, key, seed)
+    if not rec_path.exists():
+        return "missing" if not ref_paths(out, key, seed)[0].exists() else "no completion record (cut short)"
+    try:
+        files = json.loads(rec_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"unreadable record {rec_path.name}"
+    for path in ref_paths(out, key, seed):
+        want = files.get(path.name)
+        if want is None or not path.exists():
+            return f"{path.name} missing"
+        data = path.read_bytes()
+        if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
+            return f"{path.name}: {len(data)} bytes, recorded {want['bytes']} (size or hash differs)"
+    return None
+
+
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
@@ -257,8 +301,10 @@ def run_bench(files: list[str], out: Path, device: str, only=None, skip=None, ma
     results = out / RESULTS
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
-    done = _finished_names(results) if resume else set()
-    todo = plan([s for s in scenarios if s.name not in done], out)
+    notes: list[str] = []
+    done = _finished_names(results, notes) if resume else set()
+    todo = plan([s for s in scenarios if s.name not in done], out, on_bad_reference=lambda key, seed, why: notes.append(
+        f"reference {key} seed {seed}: {why}; it is made again"))
     if dry_run:
         return _print_plan(todo, done)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,14 +312,23 @@ def run_bench(files: list[str], out: Path, device: str, only=None, skip=None, ma
     t0 = time.time()
     print(f"vramfit bench: {len(todo)} runs -> {results} (device {device}"
           f"{', ' + str(len(done)) + ' already done' if done else ''})", flush=True)
+    for note in notes:
+        print(f"vramfit bench: {note}", flush=True)
     print(table_header(), flush=True)
     rows, code = [], 0
+
+    def append(row):
+        note = append_row(results, row)
+        if note:
+            print(f"vramfit bench: {note}", flush=True)
+            notes.append(note)
+
     started = time.time()
     try:
         for s in todo:
             started = time.time()
             row = skipped_row(s) if s.skip else run_scenario(s, out, device, s.timeout or max_seconds)
-            append_row(results, row)
+            append(row)
             rows.append(row)
             print(table_line(row), flush=True)
     except (SystemExit, KeyboardInterrupt) as stop:
@@ -291,20 +346,24 @@ def run_bench(files: list[str], out: Path, device: str, only=None, skip=None, ma
                     log = out / "logs" / f"{safe_name(s.name)}.log"
                     row.update(wall_s=round(time.time() - started, 1),
                                last_phase=last_phase(log.read_text(errors="replace")) if log.exists() else None)
-            append_row(results, row)
+            append(row)
             rows.append(row)
             print(table_line(row), flush=True)
     summary = {"schema": SUMMARY_SCHEMA, "results": str(results), "runs": len(rows),
                "ok": sum(r["status"] == "ok" for r in rows), "error": sum(r["status"] == "error" for r in rows),
                "skipped": sum(r["status"] == "skipped" for r in rows),
                "exit_reasons": _count(r["exit_reason"] for r in rows if r["exit_reason"]),
-               "resumed_past": sorted(done), "wall_s": round(time.time() - t0, 1), "stopped": code != 0}
+               "resumed_past": sorted(done), "notes": notes, "wall_s": round(time.time() - t0, 1), "stopped": code != 0}
     print(json.dumps(summary), flush=True)
     return code
 
 
-def _finished_names(results: Path) -> set[str]:
-    return {r["scenario"] for r in read_rows(results) if r.get("status") == "ok"} if results.exists() else set()
+def _finished_names(results: Path, notes: list[str]) -> set[str]:
+    if not results.exists():
+        return set()
+    rows = read_rows(results, on_torn=lambda n, text: notes.append(
+        f"{results.name} line {n} does not parse (torn by a kill, {len(text)} chars): skipped"))
+    return {r["scenario"] for r in rows if r.get("status") == "ok"}
 
 
 def _count(items) -> dict:
@@ -328,23 +387,92 @@ def _print_plan(todo: list[Scenario], done: set) -> int:
     return 0
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a results file; a torn last line (the writer was killed mid-write) is ignored."""
+def read_rows(path: Path, on_torn=None) -> list[dict]:
+    """Rows of a results file. A line that does not parse (the writer was killed mid-write: only the last line can
+    be torn, see ``append_row``) is skipped and reported through ``on_torn(line_number, text)``."""
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
+            if on_torn is not None:
+                on_torn(n, line)
     return rows
 
 
-def append_row(path: Path, row: dict) -> None:
-    # one write of one line, flushed and fsynced: a kill later loses nothing written before
-    with open(path, "a") as f:
-        f.write(json.dumps(finite(row), allow_nan=False) + "\n")
+def append_row(path: Path, row: dict) -> str | None:
+    """Append one row as one line, fsynced. A torn tail left by a writer killed mid-line is first moved to
+    ``<results>.torn`` (kept, not lost) so the new row starts on its own line; returns a note saying so."""
+    data = (json.dumps(finite(row), allow_nan=False) + "\n").encode()
+    note = _repair_torn_tail(Path(path))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        # one write() of the whole line with O_APPEND: a kill leaves either nothing or a prefix of this line
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return note
+
+
+def _repair_torn_tail(path: Path) -> str | None:
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return None
+        f.seek(0)
+        data = f.read()
+        cut = data.rfind(b"\n") + 1  # 0 when the torn line is the only one
+        with open(path.with_name(path.name + ".torn"), "ab") as torn:
+            torn.write(data[cut:] + b"\n")
+            torn.flush()
+            os.fsync(torn.fileno())
+        f.truncate(cut)
         f.flush()
         os.fsync(f.fileno())
+    return (f"{path.name}: its last line was torn ({len(data) - cut} bytes, a writer killed mid-write); "
+            f"moved to {path.name}.torn")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file or nothing: temp file in the same folder, fsync, ``os.replace``, fsync the folder. A kill
+    at any point leaves the old file (or none) and at most a ``.tmp`` file, never a half-written ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tensor_bytes(t) -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
 
 
 def finite(x):
@@ -391,7 +519,11 @@ def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> 
     row_path.unlink(missing_ok=True)
     job = {"scenario": asdict(s), "out": str(out), "device": device, "row_path": str(row_path)}
     cmd = [sys.executable, "-m", "vramfit.bench", "--one", json.dumps(job)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # inductor's and Triton's own on-disk caches start empty for each scenario: a compile is then either uncached or
+    # served by vramfit's compile cache (a "hit" in the row), never silently by a cache an earlier scenario left
+    scratch = out / "logs" / f"{safe_name(s.name)}.compiler-cache"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "TRITON_CACHE_DIR": str(scratch / "triton")}
     t0 = time.time()
     with open(log, "w") as logf:
         # own session: a timeout kills the whole process group (compile workers included)
@@ -407,11 +539,16 @@ def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> 
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     wall = round(time.time() - t0, 1)
+    shutil.rmtree(scratch, ignore_errors=True)
     tail = log.read_text(errors="replace")[-3000:]
-    if row_path.exists():
-        row = json.loads(row_path.read_text())
+    row = None
+    if row_path.exists():  # written atomically by the child: complete or absent
+        try:
+            row = json.loads(row_path.read_text())
+        except json.JSONDecodeError:  # not ours (written by something else): report it, don't crash the bench
+            row = None
         row_path.unlink()
-    else:
+    if row is None:
         row = {**base_row(s), "status": "error", "exit_code": proc.returncode, "stderr_tail": tail,
                "last_phase": last_phase(log.read_text(errors="replace"))}
         if timed_out:
@@ -498,7 +635,7 @@ def child_main(job: dict) -> int:
         if isinstance(e, KeyboardInterrupt):
             raise
     row["child_s"] = round(time.time() - t0, 1)
-    Path(job["row_path"]).write_text(json.dumps(finite(row), allow_nan=False))
+    write_atomic(Path(job["row_path"]), json.dumps(finite(row), allow_nan=False).encode())
     return 0 if row["status"] == "ok" else 1
 
 
@@ -535,8 +672,6 @@ def last_phase(log_text: str) -> str | None:
 
 
 def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict:
-    import torch
-
     from . import measure, models
     from .recipe import Recipe
     from .run import Runner, request_for
@@ -566,10 +701,7 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
         res = runner.generate(req)
         records.append(res.record)
         if s.role == "reference" and seed not in last:  # the reference is each seed's first run
-            lat_path, png_path = ref_paths(out, s.ref_key, seed)
-            lat_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(res.latents, lat_path)
-            res.image.save(png_path)
+            write_reference(out, s.ref_key, seed, res.latents, res.image)
         last[seed] = res  # fidelity is scored on each seed's last (warm) run
     runner.close()
     rec = records[-1]
@@ -579,12 +711,13 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
               **_timings(records),
               "runs": [{"seed": r["request"]["seed"], "run_index": r["run_index"], "latents": r["latents"],
                         "timings": r["timings"], "memory": r["memory"]} for r in records]}
+    result.update(_cold_start(records, rec["manifest"], import_s))
     images_dir = out / "images"
     images_dir.mkdir(exist_ok=True)
     result["images"] = {}
     for seed, res in last.items():
         p = images_dir / f"{safe_name(s.name)}-s{seed}.png"
-        res.image.save(p)
+        write_atomic(p, _png_bytes(res.image))
         result["images"][str(seed)] = str(p.relative_to(out))
     try:  # the measurements above stand even if scoring fails
         result["fidelity"] = _fidelity(s, out, last)
@@ -594,6 +727,22 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
         result["reference_files"] = {str(seed): [str(p.relative_to(out)) for p in ref_paths(out, s.ref_key, seed)]
                                      for seed in s.seeds}
     return result
+
+
+def _cold_start(records: list[dict], manifest: list[dict], import_s: float) -> dict:
+    """The compile cache's part in the cold run: hit, miss (this run compiled and saved) or unusable. The uncached and
+    the cached cold start are separate fields (DESIGN: the planner's cold-start calibration reads the uncached one);
+    each is import + load + the first generation, i.e. the time to the first image."""
+    entries = [e for e in manifest if e["step"] == "compile-cache"]
+    if not entries:
+        return {"compile_cache": None}
+    e = entries[0]
+    t = records[0]["timings"]
+    cold = {"to_first_image_s": round(import_s + t["load_s"] + t["total_s"], 3), "first_run_s": t["total_s"],
+            "compile_s": t.get("compile_s"), "cache_load_s": e.get("load_s")}
+    return {"compile_cache": {k: e.get(k) for k in ("status", "key", "dir", "bytes", "saved", "reason")},
+            "cold_uncached": cold if e.get("status") in ("miss", "unusable") else None,
+            "cold_cached": cold if e.get("status") == "hit" else None}
 
 
 def _median(xs):
@@ -655,8 +804,9 @@ def _fidelity(s: Scenario, out: Path, last: dict) -> dict:
     per_seed = []
     for seed, res in last.items():
         lat_path, png_path = ref_paths(out, s.ref_key, seed)
-        if not lat_path.exists():
-            per_seed.append({"seed": seed, "error": f"no reference at {lat_path.relative_to(out)} (reference failed?)"})
+        why = reference_problem(out, s.ref_key, seed)
+        if why:
+            per_seed.append({"seed": seed, "error": f"reference {lat_path.relative_to(out)}: {why} (reference failed?)"})
             continue
         ref_lat = torch.load(lat_path)
         a = np.asarray(Image.open(png_path).convert("RGB"))

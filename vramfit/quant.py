@@ -162,7 +162,7 @@ def unavailable_reason(value: str, device_type: str) -> str | None:
     if value.startswith("torchao-fp8dq") and device_type == "cuda" and torch.cuda.is_available():
         cc = torch.cuda.get_device_capability()
         if cc < (8, 9):
-            return (f"torchao-fp8dq needs compute capability >= 8.9 (this GPU: {cc[0]}.{cc[1]}). "
+            return (f"{value} needs compute capability >= 8.9 (this GPU: {cc[0]}.{cc[1]}). "
                     "Alternative: torchao-fp8wo or torchao-int8dq")
     return None
 
@@ -179,6 +179,7 @@ def _torchao_config(value: str):
         Int8DynamicActivationInt8WeightConfig,
         Int8WeightOnlyConfig,
         PerRow,
+        PerTensor,
     )
 
     if value == "torchao-int8wo":
@@ -191,8 +192,6 @@ def _torchao_config(value: str):
     if value == "torchao-fp8dq":
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     if value == "torchao-fp8dq-tensor":
-        from torchao.quantization import PerTensor
-
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor())
     if value == "torchao-int8dq":
         return Int8DynamicActivationInt8WeightConfig()

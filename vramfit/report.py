@@ -43,6 +43,9 @@ COLUMNS = [
     ("host_peak_rss_gb", "host peak RSS GB", lambda r: _g(r, "memory", "host_peak_rss_gb"), 2),
     ("cold_s", "cold s", lambda r: _g(r, "cold", "total_s"), 3),
     ("compile_s", "compile s", lambda r: _g(r, "cold", "compile_s"), 2),
+    ("compile_cache", "compile cache", lambda r: _g(r, "compile_cache", "status"), None),
+    ("cold_uncached_s", "first image s (uncached)", lambda r: _g(r, "cold_uncached", "to_first_image_s"), 2),
+    ("cold_cached_s", "first image s (cached)", lambda r: _g(r, "cold_cached", "to_first_image_s"), 2),
     ("warm_s", "warm s (median)", lambda r: _g(r, "warm", "total_s_median"), 3),
     ("warm_p90_s", "warm s (p90)", lambda r: _g(r, "warm", "total_s_p90"), 3),
     ("encode_s", "encode s", lambda r: _g(r, "warm", "encode_s_median"), 3),
@@ -100,19 +103,24 @@ def load(paths: list[Path]) -> tuple[list[dict], list[str]]:
     from .bench import ROW_SCHEMA, read_rows
 
     rows: dict[str, dict] = {}
-    notes = []
+    notes, repeated, torn = [], {}, []
     for p in paths:
         if not p.is_file():
             raise InputError(f"{p}: no such results file (vramfit bench writes DIR/results.jsonl)")
-        for r in read_rows(p):
+        for r in read_rows(p, on_torn=lambda n, text, p=p: torn.append(f"{p.name} line {n}")):
             if r.get("schema") != ROW_SCHEMA:
                 raise InputError(f"{p}: a row with schema {r.get('schema')!r}; expected {ROW_SCHEMA}")
             r["_dir"] = str(p.parent)
             if r["scenario"] in rows:
-                notes.append(f"{r['scenario']}: measured more than once; the last row is shown")
+                repeated[r["scenario"]] = repeated.get(r["scenario"], 1) + 1
             rows[r["scenario"]] = r
     if not rows:
         raise InputError(f"no rows in {', '.join(map(str, paths))}")
+    if repeated:  # one line, however many: the answer comes first, not forty of these
+        notes.append(f"{len(repeated)} scenario(s) measured more than once; the last row of each is shown: "
+                     + ", ".join(f"{k} ({n}x)" for k, n in repeated.items()))
+    if torn:
+        notes.append(f"{len(torn)} torn line(s) skipped (a writer killed mid-write): {', '.join(torn)}")
     return list(rows.values()), notes
 
 
@@ -148,6 +156,40 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def pareto_rows(rows: list[dict]) -> list[dict]:
+    """The measured rows nothing beats on both memory and latency, fastest first (what the report opens with)."""
+    pts = [(latency_of(r), memory_of(r)[0], i) for i, r in enumerate(rows) if r["status"] == "ok"]
+    pts = [p for p in pts if p[0] is not None and p[1] is not None]
+    return [rows[i] for i in pareto(pts)]
+
+
+PARETO_COLUMNS = ("scenario", "recipe", "peak_gb", "host_peak_rss_gb", "s_per_step", "warm_s", "compile_s", "psnr_db",
+                  "ssim", "latent_rel_l2")
+
+
+def _pareto_cols(rows: list[dict]) -> list:
+    gpu = any((r.get("memory") or {}).get("gpu") for r in rows)
+    drop = "host_peak_rss_gb" if gpu else "peak_gb"
+    return [c for c in COLUMNS if c[0] in PARETO_COLUMNS and c[0] != drop]
+
+
+def pareto_html(front: list[dict]) -> str:
+    if not front:
+        return "<p>No measured row has both memory and latency: no Pareto front.</p>"
+    cols = _pareto_cols(front)
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _, _ in cols)
+    body = ""
+    for r in front:
+        cells = []
+        for key, _, get, dec in cols:
+            v = get(r)
+            text = _cell(v, dec)
+            cells.append(f"<td><code>{html.escape(text)}</code></td>" if key == "recipe" else
+                         f'<td class="{"num" if dec is not None else ""}">{html.escape(text)}</td>')
+        body += "<tr>" + "".join(cells) + "</tr>"
+    return f'<table id="pareto"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def plot_memory_latency(rows: list[dict], path: Path, title: str) -> bool:
@@ -456,7 +498,7 @@ def _provenance_html(prov: dict, sources: list[str], notes: list[str]) -> str:
             + (f"<ul class=note>{li(map(html.escape, notes))}</ul>" if notes else ""))
 
 
-def index_html(rows, prov, sources, notes, pngs: dict[str, Path], title: str) -> str:
+def index_html(rows, prov, sources, notes, pngs: dict[str, Path], title: str, front=None) -> str:
     cols = [[k, h, d] for k, h, _, d in COLUMNS]
     gpu = any((r.get("memory") or {}).get("gpu") for r in rows)
     imgs = "".join(f'<h2>{html.escape(cap)}</h2><img class="plot" alt="{html.escape(cap)}" src="{data_uri(p)}">'
@@ -465,27 +507,34 @@ def index_html(rows, prov, sources, notes, pngs: dict[str, Path], title: str) ->
     reduced = [r["scenario"] for r in rows if r.get("steps_reduced")]
     reduced_note = (f"<br><b>Fewer steps than the file's default:</b> {html.escape(', '.join(reduced))} "
                     "(compare them by s/step)." if reduced else "")
+    front = pareto_rows(rows) if front is None else front
+    charted = [r for r in rows if not r["scenario"].startswith("reference:")] or rows
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{CSS}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>{len(rows)} scenarios: {n_ok} measured, {len(rows) - n_ok} failed or skipped (their error is in the table).
-Latency: cold = first run (includes compilation); warm = median / p90 over the following runs.
-Fidelity: PSNR and SSIM of the decoded image, relative L2 error of the final latents, against the bf16 reference
-(no offload, no compile) of the same model, size, steps, prompt and seed (mean over seeds; &infin; = identical image).
-Peak = GPU memory allocated while generating; "peak incl. load" also covers loading, where random stand-ins are built
-in bf16 before being quantized in memory.
-{"" if gpu else "CPU runs: no GPU memory counters, the memory columns that exist are host RSS."}
-{reduced_note}</p>
-{_provenance_html(prov, sources, notes)}
-<h2>Summary (click a header to sort)</h2><div class="wrap"><table id="summary"></table></div>
 <h2>Memory vs latency</h2>
 <p>x <select id="xk">{_options(X_CHOICES, "s_per_step")}</select>
 <label><input type="checkbox" id="logx" checked> log</label>
 &nbsp; y <select id="yk">{_options(Y_CHOICES, "peak_gb" if gpu else "host_peak_rss_gb")}</select>
 <span class="note">hover a point for its recipe; red = Pareto front (nothing is both faster and smaller)</span></p>
 <div id="chart"></div><div id="tip"></div>
+<h2>Pareto front: the recipes nothing beats on both memory and latency ({len(front)} of {n_ok} measured)</h2>
+{pareto_html(front)}
+<p class="note">{len(rows)} scenarios: {n_ok} measured, {len(rows) - n_ok} failed or skipped (their error is in the
+summary below).{" " + html.escape(notes[0]) if notes else ""}</p>
+<h2>Summary (click a header to sort)</h2>
+<p>Latency: cold = first run (includes compilation); warm = median / p90 over the following runs.
+Fidelity: PSNR and SSIM of the decoded image, relative L2 error of the final latents, against the bf16 reference
+(no offload, no compile) of the same model, size, steps, prompt and seed (mean over seeds; &infin; = identical image).
+Peak = GPU memory allocated while generating; "peak incl. load" also covers loading, where random stand-ins are built
+in bf16 before being quantized in memory.
+{"" if gpu else "CPU runs: no GPU memory counters, the memory columns that exist are host RSS."}
+{reduced_note}</p>
+<div class="wrap"><table id="summary"></table></div>
+{_provenance_html(prov, sources, notes[1:])}
 {imgs}
-<p class="note">The blind test is in blind.html beside this file.</p>
+<p class="note">The blind test is in blind.html beside this file. The charts leave out the dedicated bf16 reference
+runs ({len(rows) - len(charted)}); the summary keeps them.</p>
 <script type="application/json" id="rows">{_json_script(table_data(rows))}</script>
 <script type="application/json" id="cols">{_json_script(cols)}</script>
 <script>{TABLE_JS}{CHART_JS}</script></body></html>"""
@@ -548,9 +597,9 @@ def _cell(value, decimals) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], columns=MARKDOWN_COLUMNS) -> str:
     """A Markdown table of the main columns, one line per row; failed rows keep their reason in the status."""
-    cols = [c for c in COLUMNS if c[0] in MARKDOWN_COLUMNS]
+    cols = [c for c in COLUMNS if c[0] in columns]
     lines = ["| " + " | ".join(h for _, h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -588,13 +637,17 @@ def make_report(paths: list[Path], out: Path) -> dict:
         name = "grid.png" if k == 0 else f"grid-{k + 1}.png"
         image_grid(items, out / name, gtitle)
         pngs[f"Images: {gtitle}"] = out / name
-    (out / "index.html").write_text(index_html(rows, prov, [str(p) for p in paths], notes, pngs, title))
+    front = pareto_rows([r for r in charted])
+    (out / "index.html").write_text(index_html(rows, prov, [str(p) for p in paths], notes, pngs, title, front))
     random_weights = any((r.get("weights") or {}).get("kind") == "random" for r in rows)
     note = ("Random stand-in weights: these images are noise; differences are numerical error, not visual quality."
             if random_weights else "Real weights.")
     blind_title = groups[0][0] if groups else "no images (no scenario finished)"
     (out / "blind.html").write_text(blind_html(blind_title, groups[0][1] if groups else [], note))
-    (out / "results.md").write_text(f"# {title}\n\n{markdown_table(rows)}")
+    md_notes = "".join(f"\n{n}\n" for n in notes)
+    (out / "results.md").write_text(f"# {title}\n\n## Pareto front (memory vs latency)\n\n"
+                                    f"{markdown_table(front, [c[0] for c in _pareto_cols(front)])}\n"
+                                    f"## All rows\n{md_notes}\n{markdown_table(rows)}")
     written = ["index.html", "blind.html", "results.md", *(p.name for p in pngs.values())]
     return {"schema": "vramfit.report/1", "out": str(out), "rows": len(rows), "ok": len(ok), "files": written}
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import apply, measure, models
+from . import apply, compile_cache, measure, models, runtime
 from .errors import InputError
 from .models import ModelSpec, Weights
 from .recipe import Recipe
@@ -89,6 +89,7 @@ class Runner:
         self.gguf_file = gguf_file
         self.progress = progress
         self.dynamo = apply.check(recipe, device)  # refusals happen here, before any heavy work
+        self.compile_cache = compile_cache.for_runner(self)  # None without compile
         # import the model classes now so that load time is loading, not Python imports (~8 s of a cold start)
         t0 = time.perf_counter()
         for c in models.COMPONENTS:
@@ -180,6 +181,9 @@ class Runner:
                 self._load_stage("denoise", rec)
             t_start = time.perf_counter()
             self.on_event("denoise", steps=req.steps, compile=self.recipe.compile)
+            runtime.before_call(pipe, self.recipe, req.steps, self.manifest)
+            if self.compile_cache is not None:  # before the first compiled call of this shape
+                self.compile_cache.before(req, self.manifest)
             latents = pipe(
                 prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled,
                 num_inference_steps=req.steps, guidance_scale=req.guidance,
@@ -188,6 +192,8 @@ class Runner:
                 output_type="latent", return_dict=False, callback_on_step_end=on_step,
             )[0]
         del prompt_embeds, pooled
+        if not self.runs:  # what only a generation can show: graphs compiled, scheduler began at 0, steps cached
+            runtime.verify_after_run(pipe, self.recipe, req.steps, self.manifest)
         if self.staged:
             self._free_stage("denoise")
 
@@ -201,6 +207,8 @@ class Runner:
         elif self.recipe.offload == "model":
             pipe.maybe_free_model_hooks()
 
+        if self.compile_cache is not None:  # a miss: keep what this run compiled for the next process
+            self.compile_cache.after(req, self.manifest)
         self.runs += 1
         self.on_event("done", run=self.runs)
         lat = latents.detach().float().cpu()

@@ -1,0 +1,272 @@
+"""Runtime options (vramfit/runtime.py) on flux-tiny, CPU: each one is verified by a check that fails when the
+applying call did nothing (the call monkeypatched to a no-op -> NotApplied), the speed keys parse, print, land in
+the manifest where they run on CPU and are refused with a reason and an alternative where they cannot.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vramfit import models, run, runtime
+from vramfit.errors import RecipeError
+from vramfit.recipe import Recipe
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    spec = models.get_model("flux-tiny")
+    return spec, models.resolve_weights(spec, "random", seed=0)
+
+
+def generate(tiny, recipe: str, steps: int = 2, size: int = 64):
+    spec, weights = tiny
+    runner = run.Runner(spec, weights, Recipe.parse(recipe), CPU, progress=False)
+    res = runner.generate(run.request_for(spec, "a fox", steps, size, size, None, 0))
+    return runner, res
+
+
+def steps_of(res, name):
+    return [s for s in res.record["manifest"] if s["step"] == name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checks that can fail (#13.6)
+
+
+def test_vae_decode_mode_is_checked(tiny, monkeypatch):
+    _, res = generate(tiny, "vae=tiling")
+    (entry,) = steps_of(res, "vae")
+    assert entry["verified"] is True and entry["mode"] == "tiling"
+    from diffusers import AutoencoderKL
+
+    monkeypatch.setattr(AutoencoderKL, "enable_tiling", lambda self, *a, **k: None)
+    with pytest.raises(runtime.NotApplied, match="vae.use_tiling is False"):
+        generate(tiny, "vae=tiling")
+
+
+def test_attention_backend_is_checked(tiny, monkeypatch):
+    _, res = generate(tiny, "attention=_native_math")
+    (entry,) = steps_of(res, "attention")
+    assert entry["verified"] and entry["processors"] > 0
+    assert set(runtime.attention_backends(res_transformer(tiny, "attention=_native_math")).values()) == {"_native_math"}
+    from diffusers.models.modeling_utils import ModelMixin
+
+    monkeypatch.setattr(ModelMixin, "set_attention_backend", lambda self, backend: None)
+    with pytest.raises(runtime.NotApplied, match="attention processors use another backend"):
+        generate(tiny, "attention=_native_math")
+
+
+def res_transformer(tiny, recipe):
+    spec, weights = tiny
+    runner = run.Runner(spec, weights, Recipe.parse(recipe), CPU, progress=False)
+    runner.load()
+    return runner.pipe.transformer
+
+
+def test_compile_not_installed_is_caught(tiny, monkeypatch):
+    from diffusers.models.modeling_utils import ModelMixin
+
+    monkeypatch.setattr(ModelMixin, "compile_repeated_blocks", lambda self, *a, **k: None)
+    with pytest.raises(runtime.NotApplied, match="0 of .* modules to compile carry a compiled call"):
+        generate(tiny, "compile=regional")
+
+
+def test_compile_bypassed_is_caught_after_the_first_run(tiny, monkeypatch):
+    """The wrappers are there but call the eager forward (dynamo never runs): only the after-run check sees it."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    def fake(self, *args, **kwargs):
+        for m in self.modules():
+            if type(m).__name__ in self._repeated_blocks:
+                m._compiled_call_impl = m._call_impl
+    monkeypatch.setattr(ModelMixin, "compile_repeated_blocks", fake)
+    with pytest.raises(runtime.NotApplied, match="dynamo compiled no graph"):
+        generate(tiny, "compile=regional")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the speed keys (#12): parse, print, refuse where they cannot run, land in the manifest where they run
+
+
+NEW_KEYS = ["compile=regional+graphs", "compile=full+autotune+graphs", "compile=full+autotune", "compile_vae=on",
+            "fuse_qkv=on", "cache=fbc:0.08", "cache=taylorseer:3", "cache=magcache:0.06", "host_sync=avoid",
+            "transformer=torchao-fp8dq-tensor"]
+
+
+@pytest.mark.parametrize("item", NEW_KEYS)
+def test_new_keys_parse_and_print(item):
+    r = Recipe.parse(item)
+    assert item in str(r) and Recipe.parse(str(r)) == r
+
+
+@pytest.mark.parametrize("recipe, reason", [
+    ("compile=regional+graphs", "CUDA graphs, which need a CUDA GPU"),
+    ("compile=full+autotune", "max-autotune"),
+    ("compile=full+autotune+graphs", "CUDA GPU"),
+    ("transformer=torchao-fp8dq-tensor", "needs CUDA"),
+    ("compile_vae=on", "compile_vae=on compiles the VAE decoder"),
+    ("cache=fbc:0.08,compile=regional", "graph break"),
+])
+def test_refused_on_cpu_with_reason_and_alternative(recipe, reason):
+    from vramfit import apply
+
+    with pytest.raises(RecipeError, match="Alternative") as e:
+        apply.check(Recipe.parse(recipe), CPU)
+    assert reason in str(e.value)
+
+
+@pytest.mark.parametrize("recipe, reason", [
+    ("compile=regional+graphs,offload=model", "a graph replays fixed device addresses"),
+    ("compile=full+graphs,cache=fbc:0.1", "graph break"),
+    ("cache=taylorseer:3,offload=sequential", "both wrap the same blocks"),
+])
+def test_refused_on_cuda_rules(recipe, reason):
+    found = [r for r, _ in runtime.problems(Recipe.parse(recipe), "cuda")]
+    assert any(reason in r for r in found), found
+
+
+def test_fuse_qkv_lands_in_manifest_and_keeps_the_output(tiny):
+    _, plain = generate(tiny, "bf16")
+    runner, fused = generate(tiny, "fuse_qkv=on")
+    (entry,) = steps_of(fused, "fuse_qkv")
+    tr = runner.pipe.transformer
+    assert entry["verified"] and entry["fused_modules"] == len(tr.transformer_blocks) + len(tr.single_transformer_blocks)
+    assert not hasattr(tr.transformer_blocks[0].attn, "to_q")  # unfused copies dropped: weights held once
+    rel = ((fused.latents - plain.latents).norm() / plain.latents.norm()).item()
+    assert rel < 1e-2, rel  # the same matmuls, concatenated (bf16 rounding differs slightly)
+
+
+def test_fuse_qkv_before_quantizing(tiny):
+    runner, res = generate(tiny, "fuse_qkv=on,transformer=quanto-int8")
+    names = [s["step"] for s in res.record["manifest"] if s.get("component", "transformer") == "transformer"]
+    assert names.index("fuse_qkv") < names.index("quantize")
+    assert type(runner.pipe.transformer.transformer_blocks[0].attn.to_qkv).__name__ == "QLinear"
+
+
+def test_fuse_qkv_refused_on_a_checkpoint_quantized_while_loading():
+    with pytest.raises(RecipeError, match="fuse_qkv=on.*quantized while it loads.*Alternative"):
+        runtime.check_load(Recipe.parse("fuse_qkv=on,transformer=quanto-int8"), "dir", False, True)
+    with pytest.raises(RecipeError, match="pre-quantized"):
+        runtime.check_load(Recipe.parse("fuse_qkv=on"), "dir", True, False)
+    runtime.check_load(Recipe.parse("fuse_qkv=on"), "dir", False, False)  # bf16 checkpoint: fused after loading
+
+
+@pytest.mark.parametrize("cache, kind", [("taylorseer:2", "taylorseer"), ("fbc:0.5", "fbc"),
+                                         ("magcache:0.5", "magcache")])
+def test_cache_lands_in_manifest_and_skips_steps(tiny, cache, kind):
+    _, plain = generate(tiny, "bf16", steps=8)
+    _, res = generate(tiny, f"cache={cache}", steps=8)
+    (entry,) = steps_of(res, "cache")
+    assert entry["kind"] == kind and entry["verified"] and entry["hooked_modules"] > 0
+    assert entry["steps"] == 8 and entry["steps_computed"] + entry["steps_skipped"] == 8
+    if kind == "taylorseer":  # fixed schedule: 3 warm-up steps computed, then every 2nd
+        assert 0 < entry["steps_skipped"] < 8 and entry["schedule"] == "fixed interval"
+    if entry["steps_skipped"]:
+        assert not torch.equal(res.latents, plain.latents)
+
+
+def test_host_sync_avoid_lands_in_manifest_and_changes_nothing(tiny, monkeypatch):
+    _, plain = generate(tiny, "bf16")
+    runner, res = generate(tiny, "host_sync=avoid")
+    (entry,) = steps_of(res, "host-sync")
+    assert entry["verified"] is True and runner.pipe.scheduler.begin_index == 0
+    # diffusers 0.42's FluxPipeline already starts the scheduler at index 0 (diffusers #11696): recorded as such
+    assert entry["already_in_pipeline"] is True
+    assert torch.equal(res.latents, plain.latents)  # index 0 is where the search would have started
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_begin_index", lambda self, i=0: None)
+    with pytest.raises(runtime.NotApplied, match="begin_index is None"):
+        generate(tiny, "host_sync=avoid")
+
+
+def test_begin_at_zero_for_pipelines_that_do_not(tiny):
+    """The fallback for a pipeline without its own set_begin_index(0): a subclass that sets it after set_timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = runtime.begin_at_zero(FlowMatchEulerDiscreteScheduler())
+    s.set_timesteps(4, mu=1.0)
+    assert s.begin_index == 0 and isinstance(s, FlowMatchEulerDiscreteScheduler)
+    plain = FlowMatchEulerDiscreteScheduler()
+    plain.set_timesteps(4, mu=1.0)
+    assert plain.begin_index is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compile cache
+
+
+class _FakeRunner:
+    def __init__(self, recipe="compile=regional", dynamo=None):
+        self.device, self.recipe = CPU, Recipe.parse(recipe)
+        self.spec = models.get_model("flux-tiny")
+        self.dynamo = dynamo or {}
+
+
+def test_cache_key_and_dir(tmp_path, monkeypatch):
+    from vramfit import compile_cache
+
+    monkeypatch.setenv("VRAMFIT_CACHE_DIR", str(tmp_path / "c"))
+    assert compile_cache.cache_root() == tmp_path / "c"
+    base = compile_cache.key_parts(CPU, "flux-tiny", "compile=regional", 64, 64, 1, 64)
+    assert {"device", "libraries", "model", "recipe", "shape"} <= set(base)
+    assert {"torch", "diffusers", "triton"} <= set(base["libraries"])
+    keys = {compile_cache.key_of(base),
+            compile_cache.key_of(compile_cache.key_parts(CPU, "flux-tiny", "compile=full", 64, 64, 1, 64)),
+            compile_cache.key_of(compile_cache.key_parts(CPU, "flux-tiny", "compile=regional", 64, 128, 1, 64))}
+    assert len(keys) == 3  # recipe and shape are part of the key
+    assert compile_cache.for_runner(_FakeRunner("bf16")) is None  # nothing compiled: no cache entry
+    monkeypatch.delenv("VRAMFIT_CACHE_DIR")
+    assert str(compile_cache.cache_root()).endswith("vramfit/compile")
+
+
+def test_cache_unusable_when_inductor_caches_are_off(tmp_path, monkeypatch):
+    from vramfit import apply, compile_cache, quant
+
+    monkeypatch.setenv("VRAMFIT_CACHE_DIR", str(tmp_path))
+    cache = compile_cache.CompileCache(_FakeRunner(dynamo=dict(quant.WOQ_INT8_REWRITE_OFF)))
+    req = run.request_for(models.get_model("flux-tiny"), "a fox", 2, 64, 64, None, 0)
+    entry = cache.before(req, apply.Manifest())
+    assert entry["status"] == "unusable" and "force_disable_caches" in entry["reason"]
+    assert cache.after(req, apply.Manifest()) is entry and not entry.get("saved")  # nothing written
+    assert not list(tmp_path.iterdir())
+
+
+def test_warmup_refuses_a_recipe_without_compile(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "vramfit", "warmup", "flux-tiny", "--recipe", "bf16", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "compiles nothing" in p.stderr and "Alternative" in p.stderr
+
+
+@pytest.mark.slow
+def test_warmup_writes_a_cache_a_second_process_hits(tmp_path):
+    """Both processes start with empty inductor/Triton caches of their own: the second one's compiled code can only
+    come from the artifacts the first one saved (~4-5 min each on 2 shared CPU cores: CPU inductor builds C++)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def warmup(scratch):
+        env = {**os.environ, "VRAMFIT_CACHE_DIR": str(tmp_path / "vc"),
+               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / scratch / "inductor"),
+               "TRITON_CACHE_DIR": str(tmp_path / scratch / "triton")}
+        p = subprocess.run([sys.executable, "-m", "vramfit", "warmup", "flux-tiny", "--recipe", "compile=regional",
+                            "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"],
+                           capture_output=True, text=True, timeout=1200, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    first = warmup("s1")
+    assert (first["status"], first["saved"]) == ("miss", True) and first["bytes"] > 0
+    assert (tmp_path / "vc" / first["key"] / "artifacts.bin").stat().st_size == first["bytes"]
+    assert first["inductor_cache"]["fxgraph_cache_hit"] == 0
+    second = warmup("s2")
+    assert second["key"] == first["key"] and second["status"] == "hit" and second["saved"] is False
+    assert second["inductor_cache"]["fxgraph_cache_hit"] > 0 and second["inductor_cache"]["fxgraph_cache_miss"] == 0
