@@ -428,8 +428,8 @@ def create_app(engine: Engine, api_key: str | None = None, test_faults: bool = F
                 count = int(b.get("count", 1))
             except (ValueError, KeyError, TypeError):
                 return err_response(400, 'body: {"stage": "encode|denoise|decode", "kind": '
-                                    '"raise|oom|kill|delay", "count": N, "seconds": S}', "invalid_request_error")
-            if stage not in ("encode", "denoise", "decode") or kind not in ("raise", "oom", "kill", "delay"):
+                                    '"raise|oom|kill|delay|clear", "count": N, "seconds": S}', "invalid_request_error")
+            if stage not in ("encode", "denoise", "decode") or kind not in ("raise", "oom", "kill", "delay", "clear"):
                 return err_response(400, f"unknown stage {stage!r} or kind {kind!r}", "invalid_request_error")
             engine.add_fault(stage, kind, count, float(b.get("seconds", 1.0)))
             return {"armed": engine.faults[stage]}

@@ -352,8 +352,12 @@ class Engine:
         self.stop_evt.set()
         for t in self.threads:
             t.join(5)
-        for w in {id(w): w for w in self.workers.values()}.values():
-            w.stop()
+        # stop the workers side by side (each may be finishing a batch)
+        ts = [threading.Thread(target=w.stop) for w in {id(w): w for w in self.workers.values()}.values()]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
 
     def drain(self, grace: float) -> bool:
         """Stop taking jobs; wait up to ``grace`` s for the admitted ones. True if all finished."""
@@ -418,7 +422,10 @@ class Engine:
 
     def add_fault(self, stage: str, kind: str, count: int = 1, seconds: float = 1.0) -> None:
         with self.lock:
-            self.faults[stage] += [{"kind": kind, "seconds": seconds}] * count
+            if kind == "clear":
+                self.faults[stage] = []
+            else:
+                self.faults[stage] += [{"kind": kind, "seconds": seconds}] * count
 
     def _take_fault(self, stage: str):
         with self.lock:
@@ -436,12 +443,27 @@ class Engine:
         try:
             outs = self._run_with_recovery(stage, items, on_event)
         except StageFailed as e:
-            for job in {id(it.job): it.job for it in items}.values():
-                job.fail(e)
-                self._finish(job)
-            return
+            outs = [e] * len(items)
         for it, out in zip(items, outs):
-            it.data.update(out)
+            if isinstance(out, StageFailed):  # only this item's job ends; the rest of the batch goes on
+                it.job.fail(out)
+                self._finish(it.job)
+            else:
+                it.data.update(out)
+
+    def _one_by_one(self, stage: str, items: list[Item], on_event) -> list:
+        """A batch that failed twice: run its items alone, so one bad request does not take the others down."""
+        outs = []
+        for it in items:
+            try:
+                outs += self._run_with_recovery(stage, [it], self._ev(stage, [it]))
+            except StageFailed as e:
+                outs.append(e)
+        return outs
+
+    def _ev(self, stage: str, sub: list[Item]):
+        """Events name items by their index in the batch: a sub-batch needs its own listener."""
+        return self._denoise_events(sub) if stage == "denoise" else None
 
     def _run_with_recovery(self, stage: str, items: list[Item], on_event, retried: bool = False) -> list:
         w = self.workers[stage]
@@ -474,7 +496,9 @@ class Engine:
                 raise StageFailed(f"stage {stage}: its worker died and could not be restarted: {e2}") from None
             self.stage_recipe_sync(w)
             if retried:
-                raise StageFailed(f"stage {stage}: its worker died twice on this batch ({e})", 500,
+                if len(items) > 1:
+                    return self._one_by_one(stage, items, None)
+                raise StageFailed(f"stage {stage}: its worker died twice on this request ({e})", 500,
                                   "worker_died") from None
             st["retries"] += 1
             return self._run_with_recovery(stage, items, on_event, retried=True)
@@ -484,6 +508,8 @@ class Engine:
                 st["ooms"] += 1
                 return self._on_oom(stage, items, on_event, e)
             if retried:
+                if len(items) > 1:
+                    return self._one_by_one(stage, items, None)
                 raise StageFailed(f"stage {stage} failed twice: {e.info.get('type')}: {e}", 500,
                                   "stage_error") from None
             st["retries"] += 1
@@ -498,8 +524,13 @@ class Engine:
             half = len(items) // 2
             log.warning("stage %s out of memory with a batch of %d: retrying as %d + %d", stage, len(items),
                         half, len(items) - half)
-            return (self._run_with_recovery(stage, items[:half], on_event)
-                    + self._run_with_recovery(stage, items[half:], on_event))
+            outs: list = []
+            for sub in (items[:half], items[half:]):
+                try:
+                    outs += self._run_with_recovery(stage, sub, self._ev(stage, sub))
+                except StageFailed as e:
+                    outs += [e] * len(sub)
+            return outs
         while self.stage_recipe[stage] + 1 < len(self.recipes):  # then the next planned recipe for this stage
             self.stage_recipe[stage] += 1
             recipe = self.recipes[self.stage_recipe[stage]]
@@ -537,6 +568,7 @@ class Engine:
                 it = items[data["item"]]
                 if it.job.finished:
                     return
+                log.debug("preview latents of %s at step %d", it.job.id, data["i"])
                 if self.mode == "pipelined":
                     self.previews.append((it, data["i"], data["latents"]))
                 else:
@@ -546,6 +578,7 @@ class Engine:
     def _decode_previews(self, pending) -> None:
         """Partial images: intermediate latents through the decode stage; a failure here only drops a preview."""
         for it, i, lat in pending:
+            log.debug("decode preview of %s at step %d (state %s)", it.job.id, i, it.job.state)
             if it.job.finished or it.index != 0:
                 continue
             try:
@@ -602,16 +635,20 @@ class Engine:
 
     def _decode_loop(self):
         q = self.queues["decode"]
+        def previews():
+            pending = []
+            while self.previews:
+                pending.append(self.previews.popleft())
+            self._decode_previews(pending)
+
         while not self.stop_evt.is_set():
-            if self.previews:
-                pending = []
-                while self.previews:
-                    pending.append(self.previews.popleft())
-                self._decode_previews(pending)
+            previews()
             batch = q.take(self.max_batch, timeout=0.05)
             batch = [it for it in batch if not it.job.finished]
             if not batch:
                 continue
+            # a job's last previews are queued before its final latents: show them first
+            previews()
             self.run_stage("decode", batch)
             self._complete(batch)
 
