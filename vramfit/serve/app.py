@@ -271,12 +271,8 @@ def create_app(engine: Engine, api_key: str | None = None, test_faults: bool = F
             return job_error(job)
         data = await encoded(job)
         resp = {"created": int(job.created), "data": data, "output_format": body.output_format,
-                "size": size_of(job), "warnings": job.warnings, "usage": usage(job), "vramfit": vramfit_info(job)}
+                "size": size_of(job), "warnings": job.warnings, "vramfit": vramfit_info(job)}
         return JSONResponse(resp, headers=headers)
-
-    def usage(job: Job) -> dict:
-        return {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}}
 
     async def openai_stream(job: Job):
         fmt = job.body.output_format
@@ -301,7 +297,7 @@ def create_app(engine: Engine, api_key: str | None = None, test_faults: bool = F
                             yield {"data": json.dumps({
                                 "type": "image_generation.completed", **d, "created_at": int(time.time()),
                                 "size": size_of(job), "output_format": fmt, "background": "opaque",
-                                "quality": "auto", "usage": usage(job), "warnings": job.warnings,
+                                "quality": "auto", "warnings": job.warnings,
                                 "vramfit": vramfit_info(job)})}
                         return
                 await asyncio.sleep(POLL_S)

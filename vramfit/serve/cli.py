@@ -89,7 +89,9 @@ def serve_plan(args, spec, weights, device):
 
     h, w = parse_size(args.size, spec)
     shape = plan.Shape(h, w, args.steps or spec.default_steps, 1, spec.max_sequence_length, images=1000)
-    cands = [r for r in plan.candidate_recipes(shape) if r.offload in ("none", "staged")]
+    # stage-batch reloads the transformer every cycle, so a compile's cold start would be paid per cycle
+    cands = [r for r in plan.candidate_recipes(shape)
+             if r.offload == "none" or (r.offload == "staged" and str(r.compile) == "off")]
     p = plan.make_plan(spec.name, shape, prof, budget, device_type=device.type, recipes=cands,
                        weights_kind=weights.kind)
     fitting = []
@@ -107,10 +109,11 @@ def serve_plan(args, spec, weights, device):
                             else "") + ". Alternative: a larger --vram")
     chosen, row = fitting[0]
     mode = "pipelined" if chosen.offload == "none" else "stage-batch"
-    # fallbacks: the others that fit, smallest predicted peak first (DESIGN: on OOM, a smaller peak)
-    rest = sorted(fitting[1:], key=lambda x: x[1]["predicted"]["peak_vram_gb"])
-    # a fallback must run in the same mode (same worker layout)
-    rest = [x for x in rest if (x[0].offload == "none") == (mode == "pipelined")]
+    # fallbacks (DESIGN: on OOM, the next candidate with a smaller predicted peak, then by time -- the plan's
+    # order), in the same mode (the same worker layout)
+    peak = row["predicted"]["peak_vram_gb"]
+    rest = [x for x in fitting[1:] if x[1]["predicted"]["peak_vram_gb"] < peak
+            and (x[0].offload == "none") == (mode == "pipelined")]
     recipes = [chosen] + [r for r, _ in rest[:4]]
     fractions = {}
     if device.type == "cuda" and args.cap_memory == "auto":
@@ -127,7 +130,17 @@ def serve_plan(args, spec, weights, device):
                     for s, cs in comps.items()}
             usable = budget - 3 * CUDA_CONTEXT_GB
             fractions = {s: min(1.0, usable * need[s] / sum(need.values()) / total) for s in comps}
-    record = {"source": "--vram", "budget_vram_gb": round(budget, 3), "gpu": prof["profile"], "chosen": str(chosen),
+    # micro-batches only as large as the planner predicts fit (the batch scales the activation peaks)
+    cal = plan.calibration()["budget"]
+    extra = 2 * CUDA_CONTEXT_GB if mode == "pipelined" else 0.0
+    max_batch = args.max_batch
+    while max_batch > 1:
+        pb = plan.predict(spec.name, chosen, plan.Shape(h, w, shape.steps, max_batch, shape.text_tokens),
+                          prof, weights.kind)
+        if pb["peak_vram_gb"] * (1 + cal["margin"]) + cal["reserve_gb"] + extra <= budget:
+            break
+        max_batch -= 1
+    record = {"source": "--vram", "budget_vram_gb": round(budget, 3), "max_batch": max_batch, "gpu": prof["profile"], "chosen": str(chosen),
               "mode": mode, "predicted": row["predicted"], "fallbacks": [str(r) for r in recipes[1:]],
               "memory_fraction": fractions, "calibration": p["calibration"]}
     return recipes, mode, record, fractions
@@ -161,7 +174,10 @@ def cmd_serve(args) -> int:
     log = logging.getLogger("vramfit.serve")
     log.info("vramfit serve: %s | weights %s | %s | mode %s | recipe %s%s", spec.name, weights.kind, device, mode,
              recipes[0], f" | fallbacks {len(recipes) - 1}" if len(recipes) > 1 else "")
-    engine = Engine(spec, weights, recipes, str(device), mode, max_queue=args.max_queue, max_batch=args.max_batch,
+    max_batch = plan_rec.get("max_batch", args.max_batch)
+    if max_batch < args.max_batch:
+        log.info("--max-batch %d: the planner predicts batches of at most %d fit", args.max_batch, max_batch)
+    engine = Engine(spec, weights, recipes, str(device), mode, max_queue=args.max_queue, max_batch=max_batch,
                     idle_unload=args.idle_unload, test_faults=args.test_faults, plan=plan_rec,
                     memory_fraction=fractions, threads=args.threads)
     t0 = time.perf_counter()
