@@ -257,6 +257,17 @@ def test_bad_input_gets_status_and_openai_error_body(srv_a, payload, status, par
     assert_error(srv_a.post("/v1/images/generations", payload), status, param)
 
 
+def test_long_prompt_is_cut_with_a_warning_and_strict_refuses(srv_a):
+    long = " ".join(f"word{i}" for i in range(120))  # flux-tiny's T5 reads 64 tokens
+    r = srv_a.post("/v1/images/generations", body(long, seed=9))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert any("T5 tokens" in w for w in out["warnings"])
+    assert out["data"][0]["revised_prompt"] and len(out["data"][0]["revised_prompt"]) < len(long)
+    assert np.array_equal(pixels(out["data"][0]["b64_json"]), reference(long, 9))  # cut as the CLI cuts it
+    assert_error(srv_a.post("/v1/images/generations", body(long, strict=True)), 400, "prompt")
+
+
 def test_bad_json_and_unknown_job(srv_a):
     r = httpx.post(srv_a.url + "/v1/images/generations", content=b"{not json", timeout=30,
                    headers={**srv_a.headers(), "content-type": "application/json"})

@@ -209,8 +209,9 @@ def create_app(engine: Engine, api_key: str | None = None, test_faults: bool = F
         if body.model is not None and body.model not in model_ids:
             raise _NotFound(f"model {body.model!r} is not served here; this server serves {spec.name}", "model",
                             "model_not_found")
-        reqs, warnings = to_requests(body, spec, engine.weights)
+        reqs, warnings, revised = to_requests(body, spec, engine.weights)
         job = Job(body, reqs, warnings)
+        job.revised_prompt = revised
         engine.submit(job)
         return job
 
@@ -235,9 +236,12 @@ def create_app(engine: Engine, api_key: str | None = None, test_faults: bool = F
         for img in job.images:
             data = await asyncio.to_thread(encode_image, img, fmt, q)
             if job.body.response_format == "url":
-                out.append({"url": f"/v1/images/{store.put(data, fmt)}"})
+                d = {"url": f"/v1/images/{store.put(data, fmt)}"}
             else:
-                out.append({"b64_json": base64.b64encode(data).decode()})
+                d = {"b64_json": base64.b64encode(data).decode()}
+            if job.revised_prompt:
+                d["revised_prompt"] = job.revised_prompt  # what T5 read of a prompt longer than its limit
+            out.append(d)
         return out
 
     async def wait(job: Job, request: Request | None = None):

@@ -64,16 +64,15 @@ def serve_plan(args, spec, weights, device):
 
     if args.recipe is not None:
         recipe = resolve_recipe(args.recipe, weights)
-        off = getattr(recipe, "offload_kind", recipe.offload)
+        off = recipe.offload_kind
         if off in PIPELINE_OFFLOADS or off == "stream":
             raise RecipeError(f"offload={recipe.offload} moves weights inside one pipeline call; the server runs "
                               f"encode, denoise and decode as separate units. Alternative: offload=staged (stage "
                               f"batches), offload=none (pipelined), or --vram to let the planner choose")
         mode = "stage-batch" if off == "staged" else "pipelined"
         recipes = [recipe]
-        vae_field = "vae_decode" if hasattr(recipe, "vae_decode") else "vae_mode"
-        if getattr(recipe, vae_field) == "none":  # the decode stage's smaller-memory fallback
-            recipes.append(recipe.with_(**{vae_field: "tiling"}))
+        if recipe.vae_decode == "none":  # the decode stage's smaller-memory fallback
+            recipes.append(recipe.with_(vae_decode="tiling"))
         return recipes, mode, {"source": "--recipe", "recipe": str(recipe)}, {}
     budget = plan.parse_size(args.vram)
     if args.gpu in (None, "local"):

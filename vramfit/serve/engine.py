@@ -170,6 +170,7 @@ class Job:
     def __init__(self, body, reqs, warnings):
         self.id = "img_" + uuid.uuid4().hex[:20]
         self.body, self.reqs, self.warnings = body, reqs, warnings
+        self.revised_prompt: str | None = None
         self.created = time.time()
         self.state = "queued"
         self.items = [Item(self, i, r) for i, r in enumerate(reqs)]

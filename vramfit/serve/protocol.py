@@ -1,8 +1,8 @@
 """The wire format: OpenAI's images API (plus vramfit's extensions), job records and the error body.
 
 Pydantic models only; no torch. ``to_requests`` turns a validated body into ``vramfit.run.Request``s (image i of
-a request with seed s uses seed s+i, as ``generate --seed s+i``), checked by ``Request.validate`` and, where the
-build has it, ``vramfit.validate`` (size bounds, prompt length) -- the same checks as the CLI.
+a request with seed s uses seed s+i, as ``generate --seed s+i``), checked by ``Request.validate`` and
+``vramfit.validate`` (size bounds, prompt length) -- the same checks as the CLI.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InputError
 
 SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
-# FLUX.1's published range tops out at 2.0 MP; the registry may carry its own bound (vramfit.validate)
-DEFAULT_MAX_PIXELS = 2_100_000
 
 
 class ImageRequest(BaseModel):
@@ -102,6 +100,10 @@ class BadParam(InputError):
     """An input error that names the offending body field (OpenAI's ``param``)."""
 
     def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
+        # the shared checks speak in CLI flags; a body has fields
+        for flag, field in (("--strict", '"strict": true'), ("--height", "height"), ("--width", "width"),
+                            ("--steps", "steps"), ("--seed", "seed"), ("--guidance", "guidance")):
+            message = message.replace(flag, field)
         super().__init__(message)
         self.param, self.code = param, code
 
@@ -117,48 +119,35 @@ def parse_size(size: str | None, spec) -> tuple[int, int]:
     return h, w
 
 
-def _validator():
-    """newcomer's vramfit.validate (size bounds from the registry, prompt token limits), when this build has it."""
-    try:
-        from .. import validate
-    except ImportError:
-        return None
-    return validate
-
-
-def to_requests(body: ImageRequest, spec, weights) -> tuple[list, list[str]]:
-    """One ``vramfit.run.Request`` per image, with the warnings the CLI would print. Raises BadParam."""
+def to_requests(body: ImageRequest, spec, weights) -> tuple[list, list[str], str | None]:
+    """One ``vramfit.run.Request`` per image, the warnings the CLI would print, and the prompt as T5 reads it when
+    that differs (OpenAI's ``revised_prompt``). The same checks as ``vramfit generate``: ``Request.validate`` and
+    ``vramfit.validate.check_prompt`` (the prompt itself goes to the encoder uncut, as in the CLI: diffusers
+    truncates it). Raises BadParam."""
     from ..run import request_for
+    from ..validate import SEED_MAX, check_prompt
 
     height, width = parse_size(body.size, spec)
-    warnings: list[str] = []
-    v = _validator()
-    prompt = body.prompt
+    if body.seed + body.n - 1 > SEED_MAX:
+        raise BadParam(f"seed {body.seed} with n {body.n}: image i uses seed+i, and seeds end at 2**63-1", "seed")
     try:
-        if v is not None:
-            warnings += list(v.check_size(spec, height, width, False) or [])
-            prompt, w = v.check_prompt(spec, weights, prompt, body.strict)
-            warnings += list(w or [])
-        else:
-            max_px = getattr(spec, "max_pixels", None) or DEFAULT_MAX_PIXELS
-            if height * width > max_px:
-                raise BadParam(f"size={body.size}: {height * width / 1e6:.2f} MP is beyond {spec.name}'s maximum of "
-                               f"{max_px / 1e6:.1f} MP. Alternative: a smaller size, e.g. 1024x1024", "size")
-    except BadParam:
-        raise
+        seen, warnings = check_prompt(spec, weights, body.prompt, body.strict)
+        warnings = list(warnings)
     except InputError as e:
-        raise BadParam(str(e), _param_of(str(e), body)) from None
-    if body.strict and warnings:
-        raise BadParam("strict: " + "; ".join(warnings), "prompt", "strict")
+        raise BadParam(str(e), "prompt", "strict" if body.strict else "invalid_value") from None
     reqs = []
     for i in range(body.n):
-        r = request_for(spec, prompt, body.steps, height, width, body.guidance, body.seed + i)
+        r = request_for(spec, body.prompt, body.steps, height, width, body.guidance, body.seed + i)
         try:
-            r.validate()
+            notes = r.validate(spec)
         except InputError as e:
             raise BadParam(str(e), _param_of(str(e), body)) from None
+        if i == 0:
+            warnings += list(notes or [])
         reqs.append(r)
-    return reqs, warnings
+    if body.strict and warnings:
+        raise BadParam("strict: " + "; ".join(warnings), "prompt", "strict")
+    return reqs, warnings, (seen if seen != body.prompt else None)
 
 
 def _param_of(message: str, body: ImageRequest) -> str | None:

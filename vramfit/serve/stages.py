@@ -56,7 +56,7 @@ class Stage:
     def recipe_slice(self) -> dict:
         s = {c: getattr(self.recipe, c) for c in self.components}
         if self.name == "decode":
-            s["vae_decode"] = getattr(self.recipe, "vae_decode", getattr(self.recipe, "vae_mode", "none"))
+            s["vae_decode"] = self.recipe.vae_decode
         if self.name == "denoise":
             s.update(attention=self.recipe.attention, compile=str(self.recipe.compile))
         return s
