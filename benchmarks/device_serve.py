@@ -203,7 +203,7 @@ def main() -> int:
             st0 = status(srv)
             alone = {}
             if name == "vram-12gb":
-                r = load(srv, 4, counts[4], body, timeout)
+                r = load(srv, 4, counts[4], body, max(60.0, left()))
                 st = status(srv)
                 emit({"scenario": name, "server_start_s": start_s, "mode": st["mode"], "plan": st["plan"],
                       "recipe": st["recipe"], **{k: v for k, v in r.items() if k != "_images"},
@@ -218,7 +218,7 @@ def main() -> int:
                     emit({"scenario": name, "concurrency": conc, "error": "not run: budget spent"})
                     continue
                 before = status(srv)
-                r = load(srv, conc, counts[conc], body, timeout, seed0=0 if conc == 1 else 1000 * conc)
+                r = load(srv, conc, counts[conc], body, max(60.0, left()), seed0=0 if conc == 1 else 1000 * conc)
                 st = status(srv)
                 if conc == 1:
                     alone = r["_images"]
