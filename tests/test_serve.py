@@ -449,6 +449,8 @@ def test_full_queue_gets_429_with_retry_after(srv_b):
         time.sleep(0.3)
     assert srv_b.get(f"/v1/jobs/{ids[0]}").json()["state"] == "done"
     assert srv_b.post("/v1/jobs", body("room again")).status_code == 202
+    while srv_b.status()["queue"]["admitted"] and time.monotonic() < deadline:
+        time.sleep(0.3)
 
 
 def test_sigterm_finishes_in_flight_then_exits_0(srv_b):
@@ -458,6 +460,7 @@ def test_sigterm_finishes_in_flight_then_exits_0(srv_b):
                                                                            body("in flight", seed=3))))
     t.start()
     deadline = time.monotonic() + 60
+    assert srv_b.status()["queue"]["admitted"] == 0
     while srv_b.status()["queue"]["admitted"] == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     srv_b.proc.send_signal(signal.SIGTERM)
