@@ -454,13 +454,13 @@ def test_full_queue_gets_429_with_retry_after(srv_b):
 
 
 def test_sigterm_finishes_in_flight_then_exits_0(srv_b):
+    assert srv_b.status()["queue"]["admitted"] == 0  # only this test's request is in flight below
     srv_b.post("/v1/_faults", {"stage": "denoise", "kind": "delay", "seconds": 3, "count": 1})
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("r", srv_b.post("/v1/images/generations",
                                                                            body("in flight", seed=3))))
     t.start()
     deadline = time.monotonic() + 60
-    assert srv_b.status()["queue"]["admitted"] == 0
     while srv_b.status()["queue"]["admitted"] == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
     srv_b.proc.send_signal(signal.SIGTERM)
