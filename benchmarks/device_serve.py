@@ -214,6 +214,9 @@ def main() -> int:
                                                 for s in st["stages"].values()), default=None),
                       "peak_reserved_gb": max(((s["memory"].get("run_peak") or {}).get("peak_reserved_gb", 0)
                                                for s in st["stages"].values()), default=None),
+                      "peak_load_reserved_gb": max(((s["memory"].get("load_peak") or {}).get("peak_reserved_gb", 0)
+                                                    for s in st["stages"].values()), default=None),
+                      "budget_gb": 12.0, "memory_fraction": st["plan"].get("memory_fraction"),
                       "stages": stage_summary(st)})
                 continue
             for conc in levels:
