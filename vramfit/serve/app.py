@@ -25,7 +25,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Job, StageFailed
-from .protocol import BadParam, ImageRequest, error_body, now, to_requests
+from .protocol import BadParam, ImageRequest, error_body, to_requests
 
 log = logging.getLogger("vramfit.serve")
 STATIC_DIR = Path(__file__).parent / "static"
