@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTENSION_MODULES = ("quant_cli", "bench", "report", "plan", "codegen", "compile_cache")
+EXTENSION_MODULES = ("quant_cli", "bench", "report", "plan", "codegen", "compile_cache", "serve.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
