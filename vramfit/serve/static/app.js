@@ -43,6 +43,10 @@ async function showServer() {
     if (s.mode) parts.push(s.mode);
     const recipe = s.recipe || (s.plan && s.plan.recipe);
     if (recipe) parts.push("recipe " + recipe);
+    if (s.stages && typeof s.stages === "object") {
+      const resident = Object.entries(s.stages).filter(([, v]) => v && v.resident).map(([k]) => k);
+      parts.push("resident: " + (resident.length ? resident.join(", ") : "none"));
+    }
     $("server").textContent = parts.join(" · ") || "ready";
   } catch (err) {
     $("server").textContent = "server unreachable: " + err;
@@ -138,15 +142,27 @@ function findRunInfo(...sources) {
   return null;
 }
 
+function recipeText(r) {
+  // a recipe string, or each stage's slice of it: {encode: {text_encoder: "bf16", ...}, denoise: {...}, ...}
+  if (!r) return "";
+  if (typeof r === "string") return r;
+  return Object.entries(r).map(([stage, slice]) => {
+    if (!slice || typeof slice !== "object") return `${stage}: ${slice}`;
+    return `${stage}: ` + Object.entries(slice).map(([k, v]) => `${k}=${v}`).join(",");
+  }).join("  |  ");
+}
+
 function showRun(info) {
   const wall = (performance.now() - job.started) / 1000;
   $("run").hidden = false;
-  $("recipe").textContent = (info && info.recipe) || "(not reported)";
+  $("recipe").textContent = recipeText(info && info.recipe) || "(not reported)";
   const timings = flatten(info && info.timings, "", []);
   timings.push(["wall (this page)", wall]);
   for (const s of STAGES) if (job.stageTimes[s] && !(info && info.timings)) timings.push([`${s} (this page)`, job.stageTimes[s]]);
   fillTable("timings", timings);
-  fillTable("memory", flatten(info && info.memory, "", []));
+  // sizes only (keys in GB); counters such as a stage's batch size are not memory
+  fillTable("memory", flatten(info && info.memory, "", []).filter(([k]) => k.endsWith("_gb"))
+    .map(([k, v]) => [k.replace(/_gb$/, ""), v]));
 }
 
 // ------------------------------------------------------------------ events
@@ -211,7 +227,7 @@ async function onEvent(ev) {
     }
     case "error":
       showError((ev.error && ev.error.message) || "the job failed");
-      await finish("error");
+      await finish(ev.error && ev.error.code === "cancelled" ? "cancelled" : "error");
       break;
     case "cancelled":
       showError("cancelled");
@@ -350,4 +366,5 @@ $("cancel").addEventListener("click", async () => {
   else { showError("cancelled"); await finish("cancelled"); }
 });
 
+$("apikey").addEventListener("change", showServer);
 showServer();
