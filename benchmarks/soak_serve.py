@@ -348,6 +348,8 @@ def start_server(port: int, log_path: Path, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vramfit.cli", "serve", "--model", "flux-tiny", "--weights", "random",
            "--recipe", "", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--test-faults",
            "--max-queue", str(args.max_queue), "--max-batch", str(args.max_batch), "--grace", "20",
+           # one torch thread per stage worker: three workers on a few cores otherwise oversubscribe them
+           "--threads", str(args.threads),
            "--log-level", "warning"]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -394,6 +396,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-queue", type=int, default=16, help="the server's --max-queue (small: 429s happen)")
     ap.add_argument("--max-batch", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="the server's --threads (torch threads per worker)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -428,7 +431,7 @@ def main(argv=None) -> int:
                    "health_after": health, "admitted_after": status.get("queue", {}).get("admitted"),
                    "worker_restarts": {s: v.get("worker_restarts") for s, v in status.get("stages", {}).items()}},
         "config": {k: getattr(args, k) for k in ("requests", "concurrency", "time_limit", "request_timeout",
-                                                  "max_queue", "max_batch", "seed")},
+                                                  "max_queue", "max_batch", "seed", "threads")},
         "requests": len(res), "wall_s": wall, "outcomes": dict(outcomes),
         "lost": outcomes.get("lost", 0), "hung": outcomes.get("hung", 0), "unfinished_jobs": len(unfinished),
         "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},

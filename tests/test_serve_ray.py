@@ -37,9 +37,9 @@ def ray_server():
     from vramfit.serve import ray_app
 
     port = free_port()
-    args = argparse.Namespace(model="flux-tiny", weights="random", weights_seed=0, recipe="", vram=None,
-                              device="cpu", host="127.0.0.1", port=port, max_queue=8, max_batch=2,
-                              idle_unload=0, api_key=None)
+    args = argparse.Namespace(model="flux-tiny", weights="random", weights_seed=0, recipe="", vram=None, gpu=None,
+                              size=None, steps=None, cap_memory="auto", device="cpu", host="127.0.0.1", port=port,
+                              max_queue=8, max_batch=2, idle_unload=0, api_key=None)
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}})
     try:

@@ -300,10 +300,14 @@ async def _bad_body(_req, exc: RequestValidationError):
 @api.middleware("http")
 async def _auth(request: Request, call_next):
     key = _AUTH["key"]
-    if key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {key}":
+    path = request.url.path
+    open_path = path in ("/health", "/") or path.startswith("/static/")  # the page carries no data (as app.py)
+    if key and not open_path and request.headers.get("authorization") != f"Bearer {key}":
         return _err(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key",
                     type_="authentication_error", headers={"x-should-retry": "false"})
-    return await call_next(request)
+    response = await call_next(request)
+    response.headers.setdefault("x-request-id", request.headers.get("x-request-id") or "req_" + uuid.uuid4().hex[:16])
+    return response
 
 
 async def _body(request: Request) -> ImageRequest:
@@ -378,9 +382,11 @@ class Ingress:
             job.emit({"type": "done", "images": [f"/v1/images/{i}" for i in job.image_ids],
                       "vramfit": job.vramfit()})
         except asyncio.CancelledError:
-            if not job.finished:
+            if not job.finished:  # as the embedded engine says it: state cancelled, an error event with that code
                 job.state = "cancelled"
-                job.emit({"type": "cancelled"})
+                job.error = {"message": "cancelled", "type": "cancelled", "param": None, "code": "cancelled"}
+                job.status = 409
+                job.emit({"type": "error", "error": job.error})
             raise
         except BackPressureError:
             job.fail("the stage queues are full; retry later", 429, "queue_full")
@@ -490,6 +496,7 @@ class Ingress:
         except Exception as e:  # noqa: BLE001 -- status must answer even when the controller is busy
             replicas = {"error": str(e)}
         return {"host": "ray", "mode": "ray", "model": self.spec.name, "recipe": self.cfg["recipe_str"],
+                "plan": self.cfg.get("plan"),
                 "num_gpus": self.cfg["num_gpus"], "predicted_stage_peak_gb": self.cfg.get("stage_peak_gb"),
                 "deployments": replicas, "stages": self.stage_info,
                 "queue": {"jobs_active": self._active(), "max_queue": self.cfg["max_queue"]},
@@ -603,7 +610,7 @@ class Ingress:
                                                        "background": "opaque",
                                                        "usage": {"images": len(job.images)}})}
                         return
-                    elif ev["type"] in ("error", "cancelled"):
+                    elif ev["type"] == "error":
                         yield {"data": json.dumps({"type": "error", "error": job.error or
                                                    {"message": "cancelled", "type": "server_error"}})}
                         return
@@ -617,37 +624,16 @@ class Ingress:
 # building and running the graph
 
 
-def _recipe(args, spec, weights, device):
-    """The recipe in force: ``--recipe`` as given, or the planner's choice for ``--vram``."""
-    from ..cli import resolve_recipe
-    from ..recipe import Recipe
-
-    if getattr(args, "vram", None):
-        from .. import plan
-
-        shape = plan.Shape(spec.default_size, spec.default_size, spec.default_steps, 1, spec.max_sequence_length,
-                           images=1000)  # serve plans for a long horizon (DESIGN "Planner ranking")
-        prof = plan.local_profile() if device.type == "cuda" else plan.gpu_profile(getattr(args, "gpu", None) or "")
-        budget = plan.parse_size(args.vram) or prof.get("vram_free_gb") or prof["vram_gb"]
-        p = plan.make_plan(spec.name, shape, prof, budget, device_type=device.type, weights_kind=weights.kind)
-        if not p["chosen"]:
-            from ..errors import VramfitError
-
-            raise VramfitError(f"no recipe fits {budget:.2f} GB; the smallest budget that works is "
-                               f"{p['min_vram_gb']} GB. Alternative: a larger --vram")
-        return Recipe.parse(p["chosen"])
-    return resolve_recipe(getattr(args, "recipe", None) or "", weights)
-
-
-def gpu_shares(spec, recipe, device) -> tuple[dict, dict | None]:
+def gpu_shares(spec, recipe, device, shape) -> tuple[dict, dict | None]:
     """``num_gpus`` per stage from the planner's per-stage peaks (+ margin + reserve) over the GPU's memory;
-    0 on CPU. Ray does not isolate memory between fractional replicas: this sizing is what keeps them apart."""
+    0 on CPU. Ray does not isolate memory between fractional replicas: this sizing is what keeps them apart.
+    Where the shares add up to more than one GPU, Ray starts a stage's replica only when another has scaled
+    down and given its share back -- stage batches, by the scheduler's own accounting."""
     if device.type != "cuda":
         return {s: 0 for s in STAGES}, None
     from .. import plan
 
     prof = plan.local_profile()
-    shape = plan.Shape(spec.default_size, spec.default_size, spec.default_steps, 1, spec.max_sequence_length)
     pred = plan.predict(spec.name, recipe, shape, prof)
     budget = plan.calibration()["budget"]
     peaks = pred["stage_peak_gb"]
@@ -663,8 +649,16 @@ def build(args, app_name: str = "vramfit"):
     spec = models.get_model(args.model)
     weights = models.resolve_weights(spec, getattr(args, "weights", None), seed=getattr(args, "weights_seed", 0))
     device = measure.resolve_device(getattr(args, "device", None) or "auto")
-    recipe = _recipe(args, spec, weights, device)
-    shares, peaks = gpu_shares(spec, recipe, device)
+    # the same recipe choice as the embedded host (--recipe as given, or the planner's pick for --vram)
+    from .. import plan
+    from .cli import serve_plan
+    from .protocol import parse_size
+
+    recipes, _mode, plan_record, _fractions = serve_plan(args, spec, weights, device)
+    recipe = recipes[0]
+    h, w = parse_size(getattr(args, "size", None), spec)
+    shape = plan.Shape(h, w, getattr(args, "steps", None) or spec.default_steps, 1, spec.max_sequence_length)
+    shares, peaks = gpu_shares(spec, recipe, device, shape)
     idle = float(getattr(args, "idle_unload", 0) or 0) or DEFAULT_IDLE_S
     max_queue = int(getattr(args, "max_queue", 64) or 64)
     max_batch = int(getattr(args, "max_batch", 4) or 1)
@@ -684,7 +678,7 @@ def build(args, app_name: str = "vramfit"):
     graph = Ingress.options(ray_actor_options={"num_cpus": 0}).bind(
         stage(EncodeDeployment, "encode", 1), stage(DenoiseDeployment, "denoise", max_batch),
         stage(DecodeDeployment, "decode", 1),
-        {"spec": spec, "weights": weights, "recipe_str": str(recipe), "num_gpus": shares, "stage_peak_gb": peaks,
+        {"spec": spec, "weights": weights, "recipe_str": str(recipe), "num_gpus": shares, "stage_peak_gb": peaks, "plan": plan_record,
          "max_queue": max_queue, "api_key": getattr(args, "api_key", None) or os.environ.get("VRAMFIT_API_KEY"),
          "app_name": app_name})
     return graph
