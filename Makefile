@@ -23,9 +23,11 @@ demo: install
 test: install browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# Debian's chromium for the page test (tests/test_serve_page.py drives it with playwright; no browser download).
+# The page test (tests/test_serve_page.py) drives Debian's chromium with playwright's Python package (the `browser`
+# extra; no browser download).
 # Installed only where that is possible (root + apt-get); elsewhere the page test skips and says why.
-browser:
+browser: install
+	$(BIN)/pip install -q -e ".[browser]" "$(TORCH_PIN)"
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \

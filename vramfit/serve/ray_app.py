@@ -427,7 +427,7 @@ class Ingress:
             return
         data = _encode_image(out["ok"][0]["image"], job.body.output_format, job.body.output_compression)
         idx = job.preview_steps.index(ev["i"]) if ev["i"] in job.preview_steps else 0
-        job.emit({"type": "partial", "b64_json": base64.b64encode(data).decode(), "partial_image_index": idx,
+        job.emit({"type": "partial", "b64_json": base64.b64encode(data).decode(), "index": idx, "partial_image_index": idx,
                   "output_format": job.body.output_format, "i": ev["i"]})
 
     def _keep_image(self, iid: str, fmt: str, data: bytes) -> None:
@@ -598,7 +598,7 @@ class Ingress:
                     if ev["type"] == "partial":
                         yield {"data": json.dumps({"type": "image_generation.partial_image",
                                                    "b64_json": ev["b64_json"], "created_at": int(time.time()),
-                                                   "partial_image_index": ev["partial_image_index"], "size": size,
+                                                   "partial_image_index": ev["index"], "size": size,
                                                    "output_format": b.output_format, "quality": "auto",
                                                    "background": "opaque"})}
                     elif ev["type"] == "done":
@@ -663,7 +663,8 @@ def build(args, app_name: str = "vramfit"):
     max_queue = int(getattr(args, "max_queue", 64) or 64)
     max_batch = int(getattr(args, "max_batch", 4) or 1)
     common = {"spec": spec, "weights": weights, "recipe": recipe, "device": str(device),
-              "gguf_file": getattr(args, "gguf", None), "threads": torch.get_num_threads()}
+              "gguf_file": getattr(args, "gguf", None),
+              "threads": getattr(args, "threads", None) or torch.get_num_threads()}
 
     def stage(cls, name, target):
         auto = {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "target_ongoing_requests": target,

@@ -204,7 +204,7 @@ async function onEvent(ev) {
       if (src) {
         const box = $("previews");
         box.innerHTML = ""; // the newest preview replaces the last one
-        await addImage(box, src, `preview ${ev.partial_image_index ?? ""}`);
+        await addImage(box, src, `preview ${ev.index ?? ev.partial_image_index ?? ""}`);
       }
       break;
     }
@@ -366,5 +366,10 @@ $("cancel").addEventListener("click", async () => {
   else { showError("cancelled"); await finish("cancelled"); }
 });
 
-$("apikey").addEventListener("change", showServer);
+// the key stays in this browser (localStorage), so a reload does not ask again
+$("apikey").value = localStorage.getItem("vramfit-api-key") || "";
+$("apikey").addEventListener("change", () => {
+  localStorage.setItem("vramfit-api-key", $("apikey").value.trim());
+  showServer();
+});
 showServer();
