@@ -270,6 +270,10 @@ class StageError(Exception):
         super().__init__(f"{stage} failed: {err.get('type')}: {err.get('message')}")
 
 
+def _name(x) -> str:
+    return getattr(x, "value", None) or str(x)  # Ray's state enums: "RUNNING", not "ReplicaState.RUNNING"
+
+
 def _encode_image(image, fmt: str, quality: int | None) -> bytes:
     buf = io.BytesIO()
     kw = {} if fmt == "png" or quality is None else {"quality": quality}
@@ -492,7 +496,8 @@ class Ingress:
         try:
             app = serve.status().applications.get(self.cfg["app_name"])
             for name, d in (app.deployments if app else {}).items():
-                replicas[name] = {"status": str(d.status), "replicas": {str(k): v for k, v in d.replica_states.items()}}
+                replicas[name] = {"status": _name(d.status),
+                                  "replicas": {_name(k): v for k, v in d.replica_states.items()}}
         except Exception as e:  # noqa: BLE001 -- status must answer even when the controller is busy
             replicas = {"error": str(e)}
         return {"host": "ray", "mode": "ray", "model": self.spec.name, "recipe": self.cfg["recipe_str"],
