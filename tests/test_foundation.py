@@ -165,9 +165,9 @@ def test_gpu_only_recipes_refused_on_cpu_naming_the_step(tiny):
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    (dict(height=100), "height=100: must be a positive multiple of 16"),
-    (dict(width=0), "width=0: must be a positive multiple of 16"),
-    (dict(steps=0), "steps=0"),
+    (dict(height=100), "--height 100: must be a positive multiple of 16"),
+    (dict(width=0), "--width 0: must be a positive multiple of 16"),
+    (dict(steps=0), "--steps 0: must be in 1..1000"),
 ])
 def test_bad_requests(tiny, kwargs, fragment):
     req = request_for(tiny, PROMPT, **kwargs)

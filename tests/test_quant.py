@@ -268,7 +268,7 @@ def test_backends_table():
         if "vae" in s.components:
             assert s.family == "layerwise"
     assert math.isclose(BACKENDS["gguf-q4_1"].bits, 5.0) and math.isclose(BACKENDS["gguf-q2_k"].bits, 2.625)
-    assert [v for v, s in BACKENDS.items() if s.needs_cuda] == ["torchao-int4wo", "torchao-fp8dq"]
+    assert [v for v, s in BACKENDS.items() if s.needs_cuda] == ["torchao-int4wo", "torchao-fp8dq", "torchao-fp8dq-tensor"]
 
 
 @pytest.mark.parametrize("value", ["torchao-int4wo", "torchao-fp8dq"])

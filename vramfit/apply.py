@@ -8,6 +8,7 @@ any heavy work with a RecipeError that gives the reason and an alternative -- ne
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -47,8 +48,11 @@ def quant_module():
 # checks before any heavy work
 
 
-def problems(components: dict[str, str], offload: str, compile: str, attention: str, device_type: str):
+def problems(components: dict[str, str], offload: str, compile: str, attention: str, device_type: str,
+             installed: bool = True):
     """Yield (reason, alternative) for every reason this combination cannot run on ``device_type``.
+    ``installed=False`` leaves out what depends on this machine (libraries installed here, the local GPU): the
+    planner judges a named GPU that way.
 
     The one rule set behind both the refusals (``check``) and ``vramfit recipes``' matrix (``compat_matrix``).
     """
@@ -68,20 +72,42 @@ def problems(components: dict[str, str], offload: str, compile: str, attention: 
         return
     q = quant_module()
     if q is None:
+        if not installed:
+            return
         comp, value = next(iter(quantized.items()))
         yield f"{comp}={value}: quantization is not yet supported in this build", \
             f"{comp}=bf16 with offload=model or offload=group-block to fit less memory"
         return
     # the CPU-offload refusal above already covers quant's own accelerator-offload rule
     seen_cpu_offload = device_type != "cuda" and offload in ACCELERATOR_OFFLOADS
-    for reason, alt in q._problems(components, offload, compile, device_type, installed=True):
+    for reason, alt in q._problems(components, offload, compile, device_type, installed=installed):
         if seen_cpu_offload and reason.startswith(f"offload={offload} moves weights"):
             continue
         yield reason, alt
 
 
+# Recipe keys whose applying code is not part of this build yet: refused (never silently ignored) until it is.
+NOT_IN_THIS_BUILD = {
+    "compile_vae": "compile_vae=on", "fuse_qkv": "fuse_qkv=on", "cache": "cache=...", "host_sync": "host_sync=avoid",
+}
+
+
+def _unbuilt(recipe: Recipe):
+    default = Recipe()
+    for key, shown in NOT_IN_THIS_BUILD.items():
+        if getattr(recipe, key) != getattr(default, key):
+            yield f"{shown} is not implemented in this build", f"leave {key} at {getattr(default, key)}"
+    if recipe.compile_graphs or recipe.compile_autotune:
+        yield (f"compile={recipe.compile}: CUDA graphs / max-autotune are not implemented in this build",
+               f"compile={recipe.compile_scope}")
+    if recipe.offload_kind == "stream" and importlib.util.find_spec("vramfit.stream") is None:
+        yield "offload=stream: the streaming executor is not part of this build", "offload=group-leaf or offload=model"
+
+
 def check(recipe: Recipe, device: torch.device) -> dict:
     """Refuse what cannot run on this device, with reason and alternative. Returns dynamo settings to apply."""
+    for reason, alt in _unbuilt(recipe):
+        raise RecipeError(f"{reason}. Alternative: {alt}")
     if device.type == "cuda" and recipe.attention != "native":
         try:
             from diffusers.models.attention_dispatch import _check_attention_backend_requirements
@@ -89,7 +115,8 @@ def check(recipe: Recipe, device: torch.device) -> dict:
             _check_attention_backend_requirements(recipe.attention)
         except (RuntimeError, ImportError, ValueError) as e:
             raise RecipeError(f"attention={recipe.attention} cannot run here: {e}. Alternative: attention=native")
-    for reason, alt in problems(recipe.components, recipe.offload, recipe.compile, recipe.attention, device.type):
+    for reason, alt in problems(recipe.components, recipe.offload_kind, recipe.compile_scope, recipe.attention,
+                                device.type):
         raise RecipeError(f"{reason}. Alternative: {alt}")
     return _dynamo_for(recipe, quant_module() if recipe.quantized() else None, device.type)
 
@@ -116,26 +143,55 @@ def compat_matrix(device_type: str = "cuda") -> list[dict]:
 def _dynamo_for(recipe: Recipe, q, device_type: str = "cuda") -> dict:
     if recipe.compile == "off":
         return {}
-    settings = dict(q.dynamo_settings(recipe.components, recipe.offload, recipe.compile, device_type)) if q else {}
+    settings = (dict(q.dynamo_settings(recipe.components, recipe.offload_kind, recipe.compile_scope, device_type))
+                if q else {})
     if recipe.offload != "none" and "cache_size_limit" not in settings:
         # offload hooks add guards on module devices; the default limit of 8 recompiles falls back to eager
         settings["cache_size_limit"] = 64
     return settings
 
 
-def apply_dynamo_settings(settings: dict, manifest: Manifest) -> None:
-    """Plain keys are ``torch._dynamo.config`` attributes; ``torch.``-prefixed keys are full attribute paths."""
-    if not settings:
-        return
+# (object, attribute, previous value) of every setting apply_dynamo_settings changed, in order: a recipe that
+# fails (generate --vram falls back on out-of-memory) must not leave its compiler settings on for the next one
+_DYNAMO_JOURNAL: list[tuple] = []
+
+
+def _dynamo_target(key: str):
     import torch._dynamo
 
+    obj, attr = torch._dynamo.config, key
+    if key.startswith("torch."):
+        *path, attr = key.split(".")[1:]
+        obj = torch
+        for part in path:
+            obj = getattr(obj, part)
+    return obj, attr
+
+
+def dynamo_mark() -> int:
+    """A point to return to with ``restore_dynamo_settings``."""
+    return len(_DYNAMO_JOURNAL)
+
+
+def restore_dynamo_settings(mark: int) -> dict:
+    """Undo every setting ``apply_dynamo_settings`` changed since ``mark``, newest first; returns {key: value put
+    back}."""
+    restored = {}
+    while len(_DYNAMO_JOURNAL) > mark:
+        obj, attr, old, key = _DYNAMO_JOURNAL.pop()
+        setattr(obj, attr, old)
+        restored[key] = old
+    return restored
+
+
+def apply_dynamo_settings(settings: dict, manifest: Manifest) -> None:
+    """Plain keys are ``torch._dynamo.config`` attributes; ``torch.``-prefixed keys are full attribute paths.
+    The previous values are journaled (``dynamo_mark`` / ``restore_dynamo_settings``)."""
+    if not settings:
+        return
     for k, v in settings.items():
-        obj, attr = torch._dynamo.config, k
-        if k.startswith("torch."):
-            *path, attr = k.split(".")[1:]
-            obj = torch
-            for part in path:
-                obj = getattr(obj, part)
+        obj, attr = _dynamo_target(k)
+        _DYNAMO_JOURNAL.append((obj, attr, getattr(obj, attr), k))
         setattr(obj, attr, v)
     manifest.add("dynamo-config", settings=settings,
                  api="torch._dynamo.config.<key> = <value>; torch.<path> = <value> for full paths")
@@ -305,8 +361,8 @@ def apply_runtime_options(pipe, recipe: Recipe, manifest: Manifest, components=N
     """VAE decode mode, attention backend and compile: applied to whichever components are loaded."""
     loaded = components if components is not None else {c: getattr(pipe, c) for c in models.COMPONENTS}
     vae = loaded.get("vae")
-    if vae is not None and recipe.vae_mode != "none":
-        if recipe.vae_mode == "tiling":
+    if vae is not None and recipe.vae_decode != "none":
+        if recipe.vae_decode == "tiling":
             vae.enable_tiling()
             manifest.add("vae", mode="tiling", api="vae.enable_tiling()", verified=bool(vae.use_tiling))
         else:

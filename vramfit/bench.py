@@ -164,6 +164,14 @@ def _expand(m: dict, defaults: dict, where: str, source: str) -> list[Scenario]:
     )
     if base.steps < 1 or base.repeats < 0:
         raise InputError(f"{where}: steps must be >= 1 and repeats >= 0")
+    from .run import request_for
+
+    try:  # the same checks as `vramfit generate` (sizes within the model's maximum, finite numbers, seeds)
+        for h, w in sizes:
+            for seed in seeds:
+                request_for(spec, base.prompt, base.steps, h, w, base.guidance, seed).validate(spec)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
     return [replace(base, height=h, width=w, name=base.name if len(sizes) == 1 else f"{base.name}@{h}x{w}")
             for h, w in sizes]
 

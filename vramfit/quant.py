@@ -33,7 +33,7 @@ import torch
 from .errors import RecipeError
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
-OFFLOADS = ("none", "model", "sequential", "group-block", "group-leaf", "staged")
+OFFLOADS = ("none", "model", "sequential", "group-block", "group-leaf", "staged", "stream")
 COMPILES = ("off", "regional", "full")
 # Components whose class is a diffusers ModelMixin (the rest are transformers PreTrainedModels).
 DIFFUSERS_COMPONENTS = ("transformer", "vae")
@@ -102,6 +102,9 @@ BACKENDS: dict[str, QuantSpec] = {
                                "float8 dynamic activation + float8 weight, per-row scales; needs CUDA compute "
                                "capability >= 8.9 ('Float8 dynamic quantization requires CUDA compute capability "
                                ">=8.9 or MI300+ or XPU.')"),
+    "torchao-fp8dq-tensor": QuantSpec("torchao-fp8dq-tensor", "torchao", "torchao", True, _LINEAR_COMPONENTS, 8.0,
+                                      True, "float8 dynamic activation + float8 weight, one scale per tensor "
+                                      "(flux-fast's default granularity); needs CUDA compute capability >= 8.9"),
     "torchao-int8dq": QuantSpec("torchao-int8dq", "torchao", "torchao", False, _LINEAR_COMPONENTS, 8.0, True,
                                 "int8 dynamic activation + int8 weight, per-row (Int8Tensor)"),
     "quanto-int8": QuantSpec("quanto-int8", "quanto", "optimum-quanto", False, _LINEAR_COMPONENTS, 8.0, True,
@@ -119,7 +122,8 @@ BACKENDS: dict[str, QuantSpec] = {
 }
 
 # What to suggest when a value cannot run on CPU.
-_CPU_ALTERNATIVE = {"torchao-int4wo": "quanto-int4 or gguf-q4_1", "torchao-fp8dq": "torchao-fp8wo or quanto-fp8"}
+_CPU_ALTERNATIVE = {"torchao-int4wo": "quanto-int4 or gguf-q4_1", "torchao-fp8dq": "torchao-fp8wo or quanto-fp8",
+                    "torchao-fp8dq-tensor": "torchao-fp8wo or quanto-fp8"}
 
 
 def get_spec(value: str) -> QuantSpec:
@@ -155,7 +159,7 @@ def unavailable_reason(value: str, device_type: str) -> str | None:
     if spec.needs_cuda and device_type != "cuda":
         return (f"{value} needs CUDA; it cannot run on {device_type} ({spec.note}). "
                 f"Alternative on {device_type}: {_CPU_ALTERNATIVE.get(value, 'quanto-int8')}")
-    if value == "torchao-fp8dq" and device_type == "cuda" and torch.cuda.is_available():
+    if value.startswith("torchao-fp8dq") and device_type == "cuda" and torch.cuda.is_available():
         cc = torch.cuda.get_device_capability()
         if cc < (8, 9):
             return (f"torchao-fp8dq needs compute capability >= 8.9 (this GPU: {cc[0]}.{cc[1]}). "
@@ -186,6 +190,10 @@ def _torchao_config(value: str):
         return Float8WeightOnlyConfig()
     if value == "torchao-fp8dq":
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if value == "torchao-fp8dq-tensor":
+        from torchao.quantization import PerTensor
+
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor())
     if value == "torchao-int8dq":
         return Int8DynamicActivationInt8WeightConfig()
     raise ValueError(value)

@@ -4,7 +4,6 @@ pipeline), ``export-gguf`` (write the transformer as a GGUF file in the communit
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from .errors import InputError
 
@@ -130,9 +129,9 @@ def cmd_export_gguf(args) -> int:
     qtype = args.type.lower().removeprefix("gguf-")
     if qtype not in gguf_io.supported_qtypes():
         raise InputError(f"--type {args.type!r}: vramfit writes {', '.join(gguf_io.supported_qtypes())}")
-    out = Path(args.out)
-    if out.suffix != ".gguf":
-        raise InputError(f"--out {args.out!r}: must end in .gguf")
+    from .validate import check_out_path
+
+    out = check_out_path(args.out, ".gguf")
     manifest = apply.Manifest()
     tr = apply.load_component(spec, weights, Recipe(), "transformer", torch.device("cpu"), manifest)
     info = {}

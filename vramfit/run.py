@@ -38,21 +38,22 @@ class Request:
     guidance: float
     seed: int = 0
     max_sequence_length: int = 512
+    allow_large: bool = False  # --allow-large: a size above the model's maximum runs, with a warning
 
-    def validate(self) -> None:
+    def validate(self, spec: ModelSpec | None = None) -> list[str]:
+        """Refuse a request that cannot run (before any heavy work); returns warnings (e.g. --allow-large).
+        With ``spec`` the model's own limits apply too (largest size, T5 tokens)."""
+        from .validate import GUIDANCE_MAX, SEED_MAX, STEPS_MAX, check_number, check_size
+
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InputError("the prompt is empty; give a text prompt")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % 16:
-                raise InputError(f"{name}={v!r}: must be a positive multiple of 16 (FLUX packs 2x2 latent patches "
-                                 f"of an 8x downsampled image)")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise InputError(f"steps={self.steps!r}: must be a positive integer")
-        if self.guidance < 0:
-            raise InputError(f"guidance={self.guidance}: must be >= 0")
-        if not 1 <= self.max_sequence_length <= 512:
-            raise InputError(f"max_sequence_length={self.max_sequence_length}: must be in 1..512")
+        warnings = check_size(spec, self.height, self.width, self.allow_large)
+        check_number("--steps", self.steps, 1, STEPS_MAX, integer=True)
+        check_number("--guidance", self.guidance, 0.0, GUIDANCE_MAX)
+        check_number("--seed", self.seed, 0, SEED_MAX, integer=True)
+        check_number("max_sequence_length", self.max_sequence_length, 1,
+                     spec.max_sequence_length if spec is not None else 512, integer=True)
+        return warnings
 
 
 @dataclass
@@ -62,7 +63,8 @@ class Result:
     record: dict
 
 
-def request_for(spec: ModelSpec, prompt: str, steps=None, height=None, width=None, guidance=None, seed=0) -> Request:
+def request_for(spec: ModelSpec, prompt: str, steps=None, height=None, width=None, guidance=None, seed=0,
+                allow_large: bool = False) -> Request:
     return Request(
         prompt=prompt,
         steps=spec.default_steps if steps is None else steps,
@@ -71,6 +73,7 @@ def request_for(spec: ModelSpec, prompt: str, steps=None, height=None, width=Non
         guidance=spec.default_guidance if guidance is None else guidance,
         seed=seed,
         max_sequence_length=spec.max_sequence_length,
+        allow_large=allow_large,
     )
 
 
@@ -147,7 +150,7 @@ class Runner:
 
     # ------------------------------------------------------------------ generation
     def generate(self, req: Request) -> Result:
-        req.validate()
+        req.validate(self.spec)
         if self.pipe is None:
             self.load()
         pipe, dev = self.pipe, self.device

@@ -38,7 +38,10 @@ class ModelSpec:
     default_steps: int = 28
     default_guidance: float = 3.5
     default_size: int = 1024
-    max_sequence_length: int = 512
+    max_sequence_length: int = 512  # T5 tokens the pipeline reads (diffusers' max_sequence_length)
+    # largest image in pixels: FLUX.1's published range is 0.1-2.0 MP; 2048x1024 (2.10 MP) keeps the common
+    # 2 MP sizes (1920x1088, 1440x1440) inside. --allow-large lifts it with a warning.
+    max_pixels: int = 2048 * 1024
     extra: dict = field(default_factory=dict)
 
     @property
@@ -58,7 +61,7 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
     "flux-tiny": ModelSpec(
         "flux-tiny", None, "FLUX architecture family, a few MB, random weights (CPU tests, demo)",
-        always_random=True, default_steps=4, default_size=128, max_sequence_length=64,
+        always_random=True, default_steps=4, default_size=128, max_sequence_length=64, max_pixels=512 * 512,
     ),
 }
 

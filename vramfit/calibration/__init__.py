@@ -1,0 +1,1 @@
+"""The planner calibration (calibration.json) and the fit that writes it (derive)."""

@@ -1,0 +1,148 @@
+"""The memory model: activation peaks per stage (calibrated per token / per megapixel), what each offload strategy
+keeps on the GPU, and what stays in host memory."""
+
+from __future__ import annotations
+
+from .data import (COMPONENTS, GB, STAGES, Shape, _config, calibration, offload_kind, stream_constants,
+                   stream_k, vae_decode)
+from .weights import STREAMED, layout
+
+
+def _scale(model: str, component: str, key: str, ref: float) -> float:
+    """Activation width of this model relative to the calibrated FLUX.1 width (for flux-tiny and the like)."""
+    v = _config(model, component)
+    if component == "transformer":
+        return v["num_attention_heads"] * v["attention_head_dim"] / ref
+    if component == "vae":
+        return v["block_out_channels"][0] / ref
+    return v[key] / ref
+
+
+def activations_gb(model: str, recipe, shape: Shape) -> dict[str, float]:
+    """Peak activation/workspace above the weights, per component, while it runs."""
+    c = calibration()
+    tr, t5, clip, vae = c["transformer"], c["text_encoder_2"], c["text_encoder"], c["vae"]
+    tokens = shape.img_tokens + shape.text_tokens
+    a_tr = shape.batch * (tr["act_gb_per_token"] * tokens + tr["act_gb_fixed"]) * _scale(model, "transformer", "", tr["width"])
+    a_tr *= c["backends"].get(recipe.transformer, {}).get("act_factor", 1.0)
+    a_t5 = shape.batch * t5["act_gb_per_token"] * shape.text_tokens * _scale(model, "text_encoder_2", "d_model", t5["width"])
+    a_clip = shape.batch * clip["act_gb"] * _scale(model, "text_encoder", "hidden_size", clip["width"])
+    tile = _config(model, "vae").get("sample_size", vae["tile_px"])
+    vs = _scale(model, "vae", "", vae["width"])
+    mode = vae_decode(recipe)
+    if mode == "tiling" and max(shape.height, shape.width) > tile:
+        # one tile's decoder activations + the full-size output image (bf16, 3 channels)
+        a_vae = shape.batch * (vae["act_gb_per_mpix"] * tile * tile / 1e6 * vs + shape.mpix * 6e6 / GB)
+    else:
+        per_image = 1 if mode == "slicing" else shape.batch  # slicing decodes one image at a time
+        a_vae = per_image * vae["act_gb_per_mpix"] * shape.mpix * vs
+    return {"text_encoder": a_clip, "text_encoder_2": a_t5, "transformer": a_tr, "vae": a_vae}
+
+
+def _pairs(sizes) -> int:
+    """Largest two consecutive groups: with streams the next group is prefetched while one runs."""
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        return sum(sizes)
+    return max(a + b for a, b in zip(sizes, sizes[1:]))
+
+
+def resident_gb(model: str, recipe, comp: str, act: float) -> float:
+    """GPU memory while ``comp`` runs under the recipe's offload strategy (weights resident + activations)."""
+    lay = layout(model, comp, getattr(recipe, comp))
+    o = offload_kind(recipe)
+    if o in ("none", "staged", "model"):
+        return lay.total / GB + act
+    if o == "sequential":  # accelerate onloads one leaf at a time, synchronously
+        return lay.largest_leaf / GB + act
+    if o == "group-block":
+        if not lay.blocks:  # no top-level ModuleList (T5's blocks sit in encoder.block; CLIP; VAE): whole
+            return lay.total / GB + act
+        return (lay.unmatched + _pairs(lay.blocks)) / GB + act
+    if o == "group-leaf":
+        # embeddings run first, before the activations grow (measured: T5 encode peak 0.30 GB = embedding)
+        emb = _pairs(b if e else 0 for b, e in lay.leaves)
+        rest = _pairs(0 if e else b for b, e in lay.leaves)
+        return max(emb / GB, rest / GB + act)
+    raise ValueError(o)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# offload=stream: K transformer blocks resident, the rest (and all of T5's blocks) streamed through R slots
+
+
+def stream_split(model: str, recipe, k: int) -> dict:
+    """Bytes of the stream executor's parts for K resident transformer blocks (the first K in execution order):
+    {component: (resident bytes, streamed block bytes list)} for the streamed components."""
+    out = {}
+    for comp in STREAMED:
+        lay = layout(model, comp, getattr(recipe, comp))
+        blocks = list(lay.stream_blocks)
+        kk = min(k, len(blocks)) if comp == "transformer" else 0  # T5 runs once per image: all of it streams
+        out[comp] = (lay.total - sum(blocks[kk:]), blocks[kk:])
+    return out
+
+
+def stream_blocks(model: str) -> int:
+    """How many transformer blocks offload=stream:K counts over (FLUX.1: 19 double + 38 single = 57)."""
+    return len(layout(model, "transformer", "bf16").stream_blocks)
+
+
+def stream_stage_peaks(model: str, recipe, shape: Shape, k: int) -> dict[str, float]:
+    """GB per stage: everything resident (CLIP, VAE, non-block weights, K blocks) + the stage's R slots sized
+    for its largest streamed block + the stage's activations."""
+    act = activations_gb(model, recipe, shape)
+    split = stream_split(model, recipe, k)
+    slots = stream_constants()["slots"]
+    resident = sum(r for r, _ in split.values()) + sum(layout(model, c, getattr(recipe, c)).total
+                                                        for c in COMPONENTS if c not in split)
+    ring = {c: slots * max(bl, default=0) for c, (_, bl) in split.items()}
+    return {"encode": (resident + ring["text_encoder_2"]) / GB + max(act["text_encoder"], act["text_encoder_2"]),
+            "denoise": (resident + ring["transformer"]) / GB + act["transformer"],
+            "decode": resident / GB + act["vae"]}
+
+
+def resolved_k(model: str, recipe) -> int:
+    """K of the recipe (offload=stream alone means 0 here: the planner resolves it from a budget first)."""
+    k = stream_k(recipe)
+    return stream_blocks(model) if k is not None and k > stream_blocks(model) else (k or 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# peaks
+
+
+def stage_peaks(model: str, recipe, shape: Shape) -> dict[str, float]:
+    """Predicted GPU peak (GB) of each stage: encode, denoise, decode."""
+    o = offload_kind(recipe)
+    if o == "stream":
+        return stream_stage_peaks(model, recipe, shape, resolved_k(model, recipe))
+    w = {comp: layout(model, comp, getattr(recipe, comp)).total / GB for comp in COMPONENTS}
+    act = activations_gb(model, recipe, shape)
+    out = {}
+    for stage, comps in STAGES.items():
+        if o == "none":
+            out[stage] = sum(w.values()) + max(act[x] for x in comps)
+        elif o == "staged":
+            out[stage] = sum(w[x] for x in comps) + max(act[x] for x in comps)
+        else:
+            out[stage] = max(resident_gb(model, recipe, x, act[x]) for x in comps)
+    return out
+
+
+def host_gb(model: str, recipe) -> float:
+    """Peak host RAM (GB): the process base + what the offload strategy keeps in host memory."""
+    c = calibration()
+    lay = {comp: layout(model, comp, getattr(recipe, comp)) for comp in COMPONENTS}
+    w = sum(x.total for x in lay.values()) / GB
+    host = c["pipeline"]["host_base_gb"]
+    o = offload_kind(recipe)
+    if o in ("model", "sequential"):
+        host += w
+    elif o == "group-block":  # pins the blocks while the pageable copies are still held (measured 72 GB)
+        host += w + sum(x.pinned_blocks for x in lay.values()) / GB
+    elif o == "group-leaf":  # each leaf's pageable copy is released as it is pinned (measured 53 GB)
+        host += sum(x.pinned_all for x in lay.values()) / GB
+    elif o == "stream":  # streamed blocks held once, pinned in place (no second copy)
+        host += sum(sum(bl) for _, bl in stream_split(model, recipe, resolved_k(model, recipe)).values()) / GB
+    return host
