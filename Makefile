@@ -11,7 +11,7 @@ $(BIN)/vramfit: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[quant,report,test]" "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[quant,report,serve,test]" "$(TORCH_PIN)"
 	touch $(BIN)/vramfit
 
 install: $(BIN)/vramfit

@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTENSION_MODULES = ("quant_cli", "bench", "report", "plan")
+EXTENSION_MODULES = ("quant_cli", "bench", "report", "plan", "serve.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
