@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,8 +16,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("VRAMFIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM, reason="no chromium on this machine: `make browser` installs Debian's (needs root + apt-get)")
+# slow: the server spawns three stage workers (torch + diffusers each), over a minute on 2 shared cores
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not CHROMIUM, reason="no chromium on this machine: `make browser` installs Debian's (needs root + apt-get)")]
 
 
 def free_port() -> int:
@@ -25,22 +28,37 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
-    import uvicorn
-
-    from fake_serve_app import make_app
+def server(tmp_path_factory):
+    """A real `vramfit serve` on flux-tiny (CPU, loopback, a free port), started here and stopped by its pid."""
+    import httpx
 
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(make_app(), host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start in 30 s"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(10)
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "vramfit.cli", "serve", "--model", "flux-tiny", "--weights",
+                             "random", "--recipe", "", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, f"the server exited with {proc.returncode}; see {log.name}"
+            assert time.monotonic() < deadline, f"the server did not answer /health in 240 s; see {log.name}"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
 
 
 # every value the denoise bar takes, recorded by the page itself (a MutationObserver on the <progress> element)
@@ -68,7 +86,7 @@ def browser():
 
 
 def test_page_generates_an_image(server, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 900, "height": 760})
+    page = browser.new_page(viewport={"width": 900, "height": 1000})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.add_init_script(RECORD_BARS)
@@ -102,11 +120,14 @@ def test_page_generates_an_image(server, browser, tmp_path):
     assert not errors, errors
 
     shot = tmp_path / "serve-page.png"
-    page.screenshot(path=str(shot), full_page=True)
+    page.screenshot(path=str(shot))
     assert shot.stat().st_size > 1000
     if os.environ.get("VRAMFIT_UPDATE_SCREENSHOT"):  # the README's picture: refreshed on request, not every run
+        from PIL import Image
+
         (REPO / "docs").mkdir(exist_ok=True)
-        shutil.copy(shot, REPO / "docs" / "serve-page.png")
+        # a 64-colour palette keeps the committed PNG small; the page is flat colours and text
+        Image.open(shot).convert("RGB").quantize(64).save(REPO / "docs" / "serve-page.png", optimize=True)
     page.close()
 
 

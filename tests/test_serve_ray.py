@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow  # a local Ray with four Serve replicas takes over
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a lighthouse at dusk"
 SEED, STEPS, SIZE = 7, 2, 64
+IDLE_S = 5.0  # stage replicas scale to zero after this long idle
 
 
 def free_port() -> int:
@@ -39,7 +40,7 @@ def ray_server():
     port = free_port()
     args = argparse.Namespace(model="flux-tiny", weights="random", weights_seed=0, recipe="", vram=None, gpu=None,
                               size=None, steps=None, cap_memory="auto", device="cpu", host="127.0.0.1", port=port,
-                              max_queue=8, max_batch=2, idle_unload=0, api_key=None)
+                              max_queue=8, max_batch=2, idle_unload=IDLE_S, api_key=None)
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}})
     try:
@@ -113,3 +114,27 @@ def test_ray_jobs_events_and_errors(ray_server):
         st = c.get("/v1/status").json()
         assert st["host"] == "ray" and st["num_gpus"] == {"encode": 0, "denoise": 0, "decode": 0}
         assert c.get("/").status_code == 200 and "app.js" in c.get("/").text
+
+
+def running(status: dict, name: str) -> int:
+    return status["deployments"][name]["replicas"].get("RUNNING", 0)
+
+
+def test_ray_stages_scale_to_zero_and_back(ray_server):
+    import time
+
+    import httpx
+
+    with httpx.Client(base_url=ray_server, timeout=300) as c:
+        deadline = time.monotonic() + 180
+        while True:  # min_replicas 0: idle stages give their replicas (and memory) back
+            st = c.get("/v1/status").json()
+            if all(running(st, s) == 0 for s in ("encode", "denoise", "decode")):
+                break
+            assert time.monotonic() < deadline, st["deployments"]
+            time.sleep(2)
+        assert running(st, "ingress") == 1
+        r = c.post("/v1/images/generations", json={"prompt": PROMPT, "size": "64x64", "steps": 1, "seed": 1})
+        assert r.status_code == 200, r.text  # the request itself brings the stages back
+        st = c.get("/v1/status").json()
+        assert all(running(st, s) == 1 for s in ("encode", "denoise", "decode")), st["deployments"]
