@@ -91,6 +91,15 @@ def error_is_clear(r: httpx.Response) -> str | None:
     return None
 
 
+def refused(r: httpx.Response) -> "Outcome":
+    """A non-2xx answer: a clear error (status, code and the start of the message) or, if it is not clear, lost."""
+    why = error_is_clear(r)
+    if why:
+        return Outcome("lost", why)
+    e = r.json()["error"]
+    return Outcome("error", f"{r.status_code} {e.get('code')}: {e['message'][:70]}")
+
+
 def images_ok(datas: list[bytes], size: str, n: int) -> str | None:
     from PIL import Image
 
@@ -182,7 +191,7 @@ class Soak:
         body = self.body()
         r = await self.post(c, body)
         if r.status_code != 200:
-            raise Outcome("error", f"HTTP {r.status_code}") if not error_is_clear(r) else Outcome("lost", error_is_clear(r))
+            raise refused(r)
         datas = [base64.b64decode(d["b64_json"]) for d in r.json().get("data", []) if d.get("b64_json")]
         why = images_ok(datas, body["size"], body["n"])
         raise Outcome("lost", why) if why else Outcome("ok")
@@ -191,7 +200,7 @@ class Soak:
         body = self.body(response_format="url", output_format=self.rng.choice(("png", "jpeg", "webp")))
         r = await self.post(c, body)
         if r.status_code != 200:
-            raise Outcome("error", f"HTTP {r.status_code}") if not error_is_clear(r) else Outcome("lost", error_is_clear(r))
+            raise refused(r)
         urls = [d["url"] for d in r.json().get("data", []) if d.get("url")]
         why = images_ok(await self.fetch_urls(c, urls), body["size"], body["n"])
         raise Outcome("lost", why) if why else Outcome("ok")
@@ -201,7 +210,7 @@ class Soak:
         async with c.stream("POST", "/v1/images/generations", json=body) as r:
             if r.status_code != 200:
                 await r.aread()
-                raise Outcome("error", f"HTTP {r.status_code}") if not error_is_clear(r) else Outcome("lost", error_is_clear(r))
+                raise refused(r)
             if r.headers.get("x-request-id"):
                 self.job_ids.add(r.headers["x-request-id"])
             datas = []
@@ -222,8 +231,7 @@ class Soak:
     async def submit_job(self, c, body) -> str:
         r = await c.post("/v1/jobs", json=body)
         if r.status_code != 202:
-            why = error_is_clear(r)
-            raise Outcome("lost", why) if why else Outcome("error", f"HTTP {r.status_code}")
+            raise refused(r)
         jid = r.json()["id"]
         self.job_ids.add(jid)
         return jid
@@ -264,7 +272,7 @@ class Soak:
         async with c.stream("POST", "/v1/images/generations", json=body) as r:
             if r.status_code != 200:
                 await r.aread()
-                raise Outcome("error", f"HTTP {r.status_code}") if not error_is_clear(r) else Outcome("lost", error_is_clear(r))
+                raise refused(r)
             jid = r.headers.get("x-request-id")
             if self.rng.random() < 0.5:  # drop at once, or after the first event
                 async for _ in self.sse(r, drop_after=1):

@@ -231,6 +231,7 @@ class Job:
         self.timings: dict = {}
         self.stage_info: dict = {}
         self.task: asyncio.Task | None = None
+        self.revised_prompt: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -299,6 +300,12 @@ async def _bad_body(_req, exc: RequestValidationError):
     param = ".".join(str(x) for x in e.get("loc", ())[1:]) or None
     return _err(400, f"{param or 'body'}: {e.get('msg', 'invalid request')}", param, "invalid_value",
                 headers={"x-should-retry": "false"})
+
+
+@api.exception_handler(Exception)
+async def _any(_req, exc: Exception):
+    # the trace goes to the replica's log (Ray keeps it), never into the body
+    return _err(500, f"internal error ({type(exc).__name__}); see the Ray Serve replica log", code="internal_error")
 
 
 @api.middleware("http")
@@ -451,13 +458,14 @@ class Ingress:
             if body.model and body.model != self.spec.name:
                 return _err(404, f"model {body.model!r} is not served here; this server serves {self.spec.name!r}",
                             "model", "model_not_found", headers={"x-should-retry": "false"})
-            reqs, warnings = to_requests(body, self.spec, self.weights)
+            reqs, warnings, revised = to_requests(body, self.spec, self.weights)
         except BadParam as e:
             return _err(400, str(e), e.param, e.code, headers={"x-should-retry": "false"})
         if self._active() >= self.cfg["max_queue"]:
             return _err(429, f"the queue is full ({self.cfg['max_queue']} jobs); retry later", code="queue_full",
                         headers={"Retry-After": "2"})
         job = Job(body, reqs, warnings)
+        job.revised_prompt = revised
         self.jobs[job.id] = job
         job.emit({"type": "queued", "position": self._position(job)})
         job.task = asyncio.get_running_loop().create_task(self._run(job))
@@ -587,6 +595,9 @@ class Ingress:
             data = [{"url": f"/v1/images/{i}"} for i in job.image_ids]
         else:
             data = [{"b64_json": base64.b64encode(x).decode()} for x in job.images]
+        if job.revised_prompt:  # the prompt as T5 reads it, where that differs (OpenAI's revised_prompt)
+            for d in data:
+                d["revised_prompt"] = job.revised_prompt
         return {"created": int(job.created), "data": data, "output_format": b.output_format,
                 "size": f"{job.reqs[0].width}x{job.reqs[0].height}", "warnings": job.warnings,
                 "usage": {"images": len(job.images)}, "vramfit": job.vramfit()}
