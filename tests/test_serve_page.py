@@ -64,7 +64,11 @@ def server(tmp_path_factory):
 # every value the denoise bar takes, recorded by the page itself (a MutationObserver on the <progress> element)
 RECORD_BARS = """
 window.__bars = {encode: [], denoise: [], decode: []};
+window.__previews = 0;
 document.addEventListener('DOMContentLoaded', () => {
+  new MutationObserver((ms) => ms.forEach((m) => m.addedNodes.forEach((n) => {
+    if (n.tagName === 'IMG') window.__previews += 1;
+  }))).observe(document.getElementById('previews'), {childList: true});
   for (const s of Object.keys(window.__bars)) {
     const el = document.getElementById('bar-' + s);
     new MutationObserver(() => window.__bars[s].push(el.hasAttribute('value') ? el.value : null))
@@ -96,6 +100,7 @@ def test_page_generates_an_image(server, browser, tmp_path):
     page.fill("#steps", "6")
     page.fill("#seed", "3")
     page.fill("#n", "1")
+    page.fill("#partial", "2")
     page.click("#submit")
 
     page.wait_for_selector("#images img", timeout=120_000)
@@ -112,6 +117,7 @@ def test_page_generates_an_image(server, browser, tmp_path):
     assert denoise == sorted(denoise), bars
     assert denoise[-1] == 1 and page.eval_on_selector("#bar-decode", "e => e.value") == 1
     assert page.inner_text("#steps-text") == "6/6"
+    assert page.evaluate("window.__previews") == 2  # "Previews 2": partial images after steps 2 and 4
 
     img = page.eval_on_selector("#images img", "i => [i.naturalWidth, i.naturalHeight]")
     assert img == [64, 64]
