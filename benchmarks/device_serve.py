@@ -155,10 +155,13 @@ def stage_summary(st: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="flux-tiny on CPU, small counts (tests this script)")
-    ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting scenarios after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting scenarios after this many seconds (default 300; --smoke 1500: shared CPUs)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--out", default=os.environ.get("OUT", "outputs"))
     args = ap.parse_args()
+    if args.budget_s is None:
+        args.budget_s = 1500.0 if args.smoke else 300.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "serve.jsonl"
@@ -203,7 +206,7 @@ def main() -> int:
             st0 = status(srv)
             alone = {}
             if name == "vram-12gb":
-                r = load(srv, 4, counts[4], body, timeout)
+                r = load(srv, 4, counts[4], body, max(60.0, left()))
                 st = status(srv)
                 emit({"scenario": name, "server_start_s": start_s, "mode": st["mode"], "plan": st["plan"],
                       "recipe": st["recipe"], **{k: v for k, v in r.items() if k != "_images"},
@@ -211,6 +214,9 @@ def main() -> int:
                                                 for s in st["stages"].values()), default=None),
                       "peak_reserved_gb": max(((s["memory"].get("run_peak") or {}).get("peak_reserved_gb", 0)
                                                for s in st["stages"].values()), default=None),
+                      "peak_load_reserved_gb": max(((s["memory"].get("load_peak") or {}).get("peak_reserved_gb", 0)
+                                                    for s in st["stages"].values()), default=None),
+                      "budget_gb": 12.0, "memory_fraction": st["plan"].get("memory_fraction"),
                       "stages": stage_summary(st)})
                 continue
             for conc in levels:
@@ -218,7 +224,7 @@ def main() -> int:
                     emit({"scenario": name, "concurrency": conc, "error": "not run: budget spent"})
                     continue
                 before = status(srv)
-                r = load(srv, conc, counts[conc], body, timeout, seed0=0 if conc == 1 else 1000 * conc)
+                r = load(srv, conc, counts[conc], body, max(60.0, left()), seed0=0 if conc == 1 else 1000 * conc)
                 st = status(srv)
                 if conc == 1:
                     alone = r["_images"]
@@ -254,13 +260,15 @@ def main() -> int:
                 t0 = time.perf_counter()
                 freed = httpx.post(srv.url + "/v1/free", timeout=60).json()
                 free_s = time.perf_counter() - t0
+                st_free = status(srv)
                 r, dt = post(srv.url, {**body, "seed": 7}, timeout)
                 st = status(srv)
                 emit({"scenario": "scale-to-zero", "freed": freed["freed"], "free_s": round(free_s, 3),
                       "first_request_after_free_s": round(dt, 3), "status": r.status_code,
                       "reload_s": {s: v["reload_s_last"] for s, v in st["stages"].items()},
+                      "resident_after_free": {s: v["resident"] for s, v in st_free["stages"].items()},
                       "memory_after_unload": {s: (v["memory"] or {}).get("after_unload") for s, v in
-                                              st["stages"].items()},
+                                              st_free["stages"].items()},
                       "warm_p50_s": next((x["p50_s"] for x in rows if x.get("scenario") == "batch-on"
                                           and x.get("concurrency") == 1), None)})
             del st0

@@ -1,7 +1,7 @@
 """`vramfit serve` against live servers on 127.0.0.1 (flux-tiny, CPU): two servers per module, each started and
 stopped by this file by pid, every call bounded in time.
 
-* server A: pipelined (a worker process per stage), --max-batch 4, --api-key, --idle-unload, --test-faults
+* server A: pipelined (a worker process per stage), --max-batch 4, --api-key, --idle-unload 8, --test-faults
 * server B: stage-batch (offload=staged, one worker hosting the stages in turn), --max-batch 1, --max-queue 8
 
 References are made by `vramfit generate` itself (vramfit.cli.main in this process).
@@ -98,7 +98,7 @@ class Server:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
-    a = Server("--recipe", "", "--max-batch", "4", "--max-queue", "16", "--idle-unload", "4", "--test-faults",
+    a = Server("--recipe", "", "--max-batch", "4", "--max-queue", "16", "--idle-unload", "8", "--test-faults",
                key=KEY, log=d / "a.log")
     b = Server("--recipe", "offload=staged", "--max-batch", "1", "--max-queue", "8", "--grace", "60",
                "--test-faults", log=d / "b.log")
@@ -331,7 +331,7 @@ def test_cancel_a_queued_job(srv_a):
 
 def test_scale_to_zero_free_and_reload_time(srv_a):
     assert srv_a.post("/v1/images/generations", body(seed=11)).status_code == 200
-    deadline = time.monotonic() + 30  # --idle-unload 4
+    deadline = time.monotonic() + 60  # --idle-unload 8
     while any(s["resident"] for s in srv_a.status()["stages"].values()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not any(s["resident"] for s in srv_a.status()["stages"].values())
@@ -341,7 +341,8 @@ def test_scale_to_zero_free_and_reload_time(srv_a):
     assert all(st[s]["reload_s_last"] and st[s]["reload_s_last"] > 0 for s in st)
     assert r.json()["vramfit"]["timings"]["denoise_load_s"] > 0
     freed = srv_a.post("/v1/free").json()
-    assert set(freed["freed"]) == {"encode", "denoise", "decode"} and not any(freed["stages"].values())
+    # decode ran last (idle < 8 s): /v1/free is what unloads it; the others may have gone idle already
+    assert "decode" in freed["freed"] and not any(freed["stages"].values())
     assert np.array_equal(pixels(srv_a.post("/v1/images/generations", body(seed=11)).json()["data"][0]["b64_json"]),
                           reference("a red fox", 11))
 
@@ -441,14 +442,19 @@ def test_full_queue_gets_429_with_retry_after(srv_b):
     r = srv_b.post("/v1/jobs", body("one too many"))
     assert_error(r, 429, code="queue_full")
     assert int(r.headers["retry-after"]) >= 1
+    for i in ids[1:]:  # cancelling frees the queue again
+        httpx.delete(srv_b.url + f"/v1/jobs/{i}", timeout=30)
     deadline = time.monotonic() + CALL_TIMEOUT_S
-    for i in ids:
-        while srv_b.get(f"/v1/jobs/{i}").json()["state"] != "done" and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert srv_b.get(f"/v1/jobs/{i}").json()["state"] == "done"
+    while srv_b.status()["queue"]["admitted"] and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert srv_b.get(f"/v1/jobs/{ids[0]}").json()["state"] == "done"
+    assert srv_b.post("/v1/jobs", body("room again")).status_code == 202
+    while srv_b.status()["queue"]["admitted"] and time.monotonic() < deadline:
+        time.sleep(0.3)
 
 
 def test_sigterm_finishes_in_flight_then_exits_0(srv_b):
+    assert srv_b.status()["queue"]["admitted"] == 0  # only this test's request is in flight below
     srv_b.post("/v1/_faults", {"stage": "denoise", "kind": "delay", "seconds": 3, "count": 1})
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("r", srv_b.post("/v1/images/generations",

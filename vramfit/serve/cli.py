@@ -180,7 +180,20 @@ def cmd_serve(args) -> int:
                     idle_unload=args.idle_unload, test_faults=args.test_faults, plan=plan_rec,
                     memory_fraction=fractions, threads=args.threads)
     t0 = time.perf_counter()
-    engine.start()
+    import signal
+
+    def stop_starting(sig, frame):  # SIGTERM before uvicorn takes over the signals: stop the workers, exit 0
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop_starting)
+    try:
+        engine.start()
+    except SystemExit:
+        log.info("stopped while starting")
+        engine.shutdown()
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     log.info("stage workers up in %.1f s", time.perf_counter() - t0)
     app = create_app(engine, api_key=api_key, test_faults=args.test_faults)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -31,6 +31,7 @@ from .stages import STAGES, denoise_key, worker_main
 
 log = logging.getLogger("vramfit.serve")
 START_TIMEOUT_S = 600.0
+STAGE_BATCH_GATHER_S = 0.3
 
 
 class StageFailed(Exception):
@@ -659,6 +660,11 @@ class Engine:
         w = self.workers["encode"]
         while not self.stop_evt.is_set():
             jobs = q.take(self.max_queue, timeout=0.2)
+            if not jobs:
+                continue
+            # a cycle pays a load per stage: requests that arrive together should share it
+            self.stop_evt.wait(STAGE_BATCH_GATHER_S)
+            jobs += q.take(self.max_queue, timeout=0)
             jobs = [j for j in jobs if not j.finished]
             if not jobs:
                 continue

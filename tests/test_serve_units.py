@@ -1,0 +1,115 @@
+"""The serve pieces that need no live server: micro-batch grouping, previews, the url image store, the plan
+that picks the mode, and argument checks."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from vramfit.errors import InputError, RecipeError  # noqa: E402
+from vramfit.serve.engine import BatchQueue, Job  # noqa: E402
+
+
+def test_batch_queue_groups_same_key_and_keeps_the_rest_in_order():
+    q = BatchQueue(100)
+    stop = threading.Event()
+    for x in ["a1", "b1", "a2", "c1", "a3", "b2", "a4"]:
+        q.put(x, stop)
+    assert q.take(3, key=lambda s: s[0]) == ["a1", "a2", "a3"]  # the oldest and its like, up to max
+    assert q.take(3, key=lambda s: s[0]) == ["b1", "b2"]
+    assert q.take(3, key=lambda s: s[0]) == ["c1"]
+    assert q.take(3, key=lambda s: s[0]) == ["a4"]
+    assert q.take(3, key=lambda s: s[0], timeout=0) == []
+
+
+def test_batch_queue_is_bounded():
+    q = BatchQueue(2)
+    stop = threading.Event()
+    q.put(1, stop)
+    q.put(2, stop)
+    t = threading.Thread(target=q.put, args=(3, stop))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and len(q) == 2  # the producer waits: back-pressure, not a pile-up
+    assert q.take(1) == [1]
+    t.join(5)
+    assert not t.is_alive() and len(q) == 2
+
+
+@pytest.mark.parametrize("steps,k,want", [(4, 2, [2, 3]), (28, 3, [7, 14, 21]), (1, 3, []), (2, 3, [1]),
+                                          (10, 0, [])])
+def test_preview_steps(steps, k, want):
+    from types import SimpleNamespace
+
+    req = SimpleNamespace(steps=steps)
+    job = Job(SimpleNamespace(partial_images=k), [req], [])
+    assert job.preview_steps == want
+
+
+def test_image_store_keeps_the_last_100():
+    from vramfit.serve.app import ImageStore
+
+    s = ImageStore()
+    names = [s.put(bytes([i % 256]), "png") for i in range(105)]
+    assert s.get(names[0]) is None and s.get(names[4]) is None
+    assert s.get(names[5])[0] == bytes([5]) and s.get(names[-1])[0] == bytes([104 % 256])
+    assert s.get(names[-1].replace(".png", ".jpeg")) is None  # the extension must match
+
+
+def _args(**kw):
+    base = dict(recipe=None, vram=None, gpu=None, size="1024x1024", steps=4, max_batch=4, cap_memory="off",
+                max_queue=8, idle_unload=0.0, grace=1.0, port=8000)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_serve_plan_mode_from_the_budget():
+    import torch
+
+    from vramfit import models
+    from vramfit.serve.cli import serve_plan
+
+    spec = models.get_model("flux-dev")
+    w = models.resolve_weights(spec, "random")
+    cuda = torch.device("cuda")  # planning only: nothing is placed on it
+    recipes, mode, rec, _ = serve_plan(_args(vram="12GB", gpu="h200"), spec, w, cuda)
+    assert mode == "stage-batch" and recipes[0].offload == "staged" and recipes[0].compile == "off"
+    assert rec["predicted"]["peak_vram_gb"] <= 12
+    assert all(r.offload == "staged" for r in recipes)  # fallbacks keep the worker layout
+    recipes, mode, rec, _ = serve_plan(_args(vram="80GB", gpu="h200"), spec, w, cuda)
+    assert mode == "pipelined" and recipes[0].offload == "none" and rec["max_batch"] >= 1
+    with pytest.raises(InputError, match="smallest budget"):
+        serve_plan(_args(vram="2GB", gpu="h200"), spec, w, cuda)
+
+
+def test_serve_plan_from_a_recipe():
+    import torch
+
+    from vramfit import models
+    from vramfit.serve.cli import serve_plan
+
+    spec = models.get_model("flux-tiny")
+    w = models.resolve_weights(spec, None)
+    cpu = torch.device("cpu")
+    recipes, mode, _, _ = serve_plan(_args(recipe="offload=staged"), spec, w, cpu)
+    assert mode == "stage-batch"
+    recipes, mode, _, _ = serve_plan(_args(recipe=""), spec, w, cpu)
+    assert mode == "pipelined" and [r.vae_decode for r in recipes] == ["none", "tiling"]
+    with pytest.raises(RecipeError, match="Alternative"):
+        serve_plan(_args(recipe="offload=model"), spec, w, cpu)
+    with pytest.raises(InputError, match="CUDA"):
+        serve_plan(_args(vram="12GB"), spec, w, cpu)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(recipe=None, vram=None), "exactly one"),
+                                    (dict(recipe="", vram="8GB"), "exactly one"),
+                                    (dict(recipe="", max_batch=0), "max-batch"),
+                                    (dict(recipe="", port=70000), "port")])
+def test_check_args(kw, msg):
+    from vramfit.serve.cli import check_args
+
+    with pytest.raises(InputError, match=msg):
+        check_args(_args(**kw))
