@@ -19,7 +19,8 @@ still does not fit ends with 503.
 Differences from the embedded host, said here once: no ``--test-faults`` route, no per-stage recipe fallback,
 no ``/metrics`` (Ray exports its own Prometheus metrics), jobs live in the ingress replica (one replica), and
 ``--idle-unload 0`` means "Ray's default delay of 300 s" rather than "never", because a stage that never
-scales down is not what this host is for.
+scales down is not what this host is for. SIGTERM has no drain here: Ray's own signal handler in the driver
+catches it first and ends the process (the local Ray processes go with it; checked on CPU: none left behind).
 """
 
 # no `from __future__ import annotations`: FastAPI must see `request: Request` as a type through
