@@ -205,6 +205,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--work", default=None, help="scratch directory for the checkpoints (not $OUT: 40 GB)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--only", default=os.environ.get("VRAMFIT_LOADER_ONLY", ""),
+                    help="comma-separated scenario names (a backend name, a code recipe, or 'code' for the vramfit "
+                         "code rows and their generate pairs); default: all")
     a = ap.parse_args()
     out = Path(a.out)
     if a.pytest:
@@ -233,20 +236,28 @@ def main() -> int:
               **({"stderr_tail": err[-2000:]} if code else {})})
     if code != 0:
         return 1
+    scenarios = plan(a.smoke)
+    if a.only:
+        keep = set(a.only.split(","))
+        scenarios = [sc for sc in scenarios if sc["name"] in keep
+                     or ("code" in keep and (sc["kind"] == "code" or sc.get("pair_of") == "code"))]
     gguf = work / "transformer-q4_1.gguf"
-    code, _, err, wall = sh(cli("export-gguf", model, "--weights", str(ckpt), "--type", "q4_1", "--out", str(gguf)),
-                            90.0)
-    if code == 124:
-        rows.add({"kind": "skipped", "what": "export-gguf q4_1", "reason": "export-gguf took more than 90 s",
-                  "wall_s": round(wall, 1)})
-        gguf = None
+    if any(sc["recipe"] == "gguf" for sc in scenarios):
+        code, _, err, wall = sh(cli("export-gguf", model, "--weights", str(ckpt), "--type", "q4_1", "--out",
+                                    str(gguf)), 90.0)
+        if code == 124:
+            rows.add({"kind": "skipped", "what": "export-gguf q4_1", "reason": "export-gguf took more than 90 s",
+                      "wall_s": round(wall, 1)})
+            gguf = None
+        else:
+            rows.add({"kind": "export-gguf", "status": "ok" if code == 0 else "error", "wall_s": round(wall, 1),
+                      **({"stderr_tail": err[-2000:]} if code else {"bytes": gguf.stat().st_size})})
+            gguf = gguf if code == 0 else None
     else:
-        rows.add({"kind": "export-gguf", "status": "ok" if code == 0 else "error", "wall_s": round(wall, 1),
-                  **({"stderr_tail": err[-2000:]} if code else {"bytes": gguf.stat().st_size})})
-        gguf = gguf if code == 0 else None
+        gguf = None
 
     done: dict = {}
-    for s in plan(a.smoke):
+    for s in scenarios:
         key = (s["kind"], s["name"], s["offload"], s["weights"])
         if left() <= 0:
             rows.add({**s, "kind": "skipped", "scenario_kind": s["kind"], "status": "not run: time",

@@ -18,6 +18,7 @@ for item in "$@"; do
   start=$(date +%s)
   case $part in
     pytest-*) timeout -s INT -k 20 "$budget" python3 -m pytest -m gpu "tests/test_${part#pytest-}.py" -q -p no:cacheprovider -rA \
+                ${PYTEST_K:+-k "$PYTEST_K"} \
                 > "$OUT/logs/$part.log" 2>&1 ;;
     *) timeout $((budget + 45)) python3 "benchmarks/device_$part.py" --budget-s "$budget" \
          > "$OUT/logs/$part.log" 2>&1 ;;
