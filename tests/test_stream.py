@@ -220,3 +220,37 @@ def test_cuda_stream_matches_offload_none(value):
             assert ex.pinned and ex.host.is_pinned()
             assert stream.measured(r.pipe)["transformer"]["copies"] == 2 * 3 + 2
     assert torch.equal(lat["none"], lat["stream:1"])
+
+
+def test_moving_a_bnb4_block_never_runs_the_subclass_to_and_keeps_each_state_its_own():
+    """quantize_streamed moves each nf4 block off the device with _to_device. Params4bit.to moves its quant_state in
+    place, freeing the old absmax mid-walk; a freed id reused by a new tensor then hit the id-keyed map and gave a
+    state another module's weight (CUDA: "absmax must be float32, got torch.uint8"). Here the move is to meta."""
+    from bitsandbytes.nn import Linear4bit
+
+    m = tiny("bnb-nf4")
+    block = m.transformer_blocks[0]
+    before = {n: (mod.weight.quant_state, mod.weight.quant_state.absmax) for n, mod in block.named_modules()
+              if isinstance(mod, Linear4bit)}
+    stream._to_device(block, torch.device("meta"), set())
+    for n, mod in block.named_modules():
+        if not isinstance(mod, Linear4bit):
+            continue
+        qs_old, absmax_old = before[n]
+        assert qs_old.absmax is absmax_old and absmax_old.device.type == "cpu"  # the old state was not mutated
+        qs = mod.weight.quant_state
+        assert qs is not qs_old and mod.quant_state is qs  # weight and module share the one new state
+        assert type(qs.absmax) is torch.Tensor and qs.absmax.dtype == torch.float32
+        assert qs.absmax.device.type == "meta" and tuple(qs.absmax.shape) == tuple(absmax_old.shape)
+        assert mod.weight.dtype == torch.uint8 and mod.weight.device.type == "meta"
+
+
+def test_rebuild_map_is_checked_by_identity():
+    """An id-keyed entry whose object is gone must not be returned for a new object with the same id."""
+    a = torch.zeros(3)
+    objmap = {}
+    new_a = stream._rebuild(a, lambda t: t.clone(), objmap)
+    assert stream._rebuild(a, lambda t: t.clone(), objmap) is new_a
+    b = torch.ones(3)
+    objmap[id(b)] = (a, new_a)  # as if a had been freed and b had been given its id
+    assert torch.equal(stream._rebuild(b, lambda t: t.clone(), objmap), b)

@@ -100,14 +100,22 @@ def _walk(t, out: list, meta: list, path: str) -> None:
                 _walk(v, out, meta, f"{path}.{k}")
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a plain tensor sharing its storage (no subclass method runs on it)."""
+    return t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor)
+
+
 def _rebuild(t, new_plain, objmap: dict):
     """A new object of ``t``'s type whose plain tensors are ``new_plain(old_plain)``; bitsandbytes state objects are
-    copied once per block (``objmap``), so a weight and its module keep sharing one state."""
-    if id(t) in objmap:
-        return objmap[id(t)]
+    copied once per block (``objmap``), so a weight and its module keep sharing one state. ``objmap`` maps id(old) to
+    (old, new): it keeps the old object alive and is checked by identity, so an id reused by a new object after the
+    old one is freed (a module's tensors are replaced one by one) can never return another object's copy."""
+    hit = objmap.get(id(t))
+    if hit is not None and hit[0] is t:
+        return hit[1]
     if _is_state(t):
         new = copy.copy(t)
-        objmap[id(t)] = new
+        objmap[id(t)] = (t, new)
         for k, v in _state_items(t):
             setattr(new, k, _rebuild(v, new_plain, objmap))
         return new
@@ -129,7 +137,7 @@ def _rebuild(t, new_plain, objmap: dict):
                 if isinstance(v, torch.Tensor) or _is_state(v):
                     v = _rebuild(v, new_plain, objmap)
                 setattr(new, k, v)
-    objmap[id(t)] = new
+    objmap[id(t)] = (t, new)
     return new
 
 
@@ -255,7 +263,7 @@ def _template(block: torch.nn.Module, layout: Layout, buf: torch.Tensor) -> torc
     for mod in block.modules():
         for kind, name, v in _owned_tensors(mod):
             memo[id(v)] = _rebuild(v, new_plain, objmap)
-    for old_id, new in list(objmap.items()):  # states reached through parameters
+    for old_id, (_, new) in list(objmap.items()):  # states reached through parameters (objmap keeps them alive)
         memo.setdefault(old_id, new)
     tmpl = copy.deepcopy(block, memo)
     _fix_module_refs(tmpl)
@@ -310,7 +318,11 @@ def _to_device(module: torch.nn.Module, device: torch.device, skip: set) -> int:
     def new_plain(t):
         k = _key(t)
         if k not in moved:
-            moved[k] = t if t.device == device else t.to(device)
+            # the plain tensor, never the subclass's own .to(): Params4bit.to moves its quant_state IN PLACE
+            # (QuantState.to rebinds absmax/code), which frees the old state tensors mid-walk; their ids are then
+            # reused by the new ones, and an id-keyed map would hand a later state another module's weight
+            # (CUDA nf4: "absmax must be float32, got torch.uint8")
+            moved[k] = t if t.device == device else _plain(t).to(device)
         return moved[k]
 
     objmap: dict = {}
