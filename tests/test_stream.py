@@ -254,3 +254,56 @@ def test_rebuild_map_is_checked_by_identity():
     b = torch.ones(3)
     objmap[id(b)] = (a, new_a)  # as if a had been freed and b had been given its id
     assert torch.equal(stream._rebuild(b, lambda t: t.clone(), objmap), b)
+
+
+class FakeCudart:
+    """Records register/unregister and, like the driver, refuses a range that is already registered (712)."""
+
+    def __init__(self):
+        self.registered, self.calls = set(), []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.calls.append(("register", ptr))
+        if ptr in self.registered:
+            return 712
+        self.registered.add(ptr)
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        if ptr not in self.registered:
+            return 1  # cudaErrorInvalidValue
+        self.registered.discard(ptr)
+        return 0
+
+
+def test_pinned_buffer_is_unregistered_when_it_dies_and_detach_is_idempotent(monkeypatch):
+    import gc
+
+    fake = FakeCudart()
+    cleared = []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(stream, "_clear_cuda_error", lambda: cleared.append(1) or True)
+    # an executor dropped without detach(): its buffer's death unregisters the range
+    host = torch.empty(1 << 16, dtype=torch.uint8)
+    ptr = host.data_ptr()
+    stream.pin_in_place(host)
+    assert fake.registered == {ptr}
+    del host
+    gc.collect()
+    assert fake.registered == set() and fake.calls[-1] == ("unregister", ptr)
+    # detach() unregisters once; the buffer's later death does not unregister again
+    host = torch.empty(1 << 16, dtype=torch.uint8)
+    fin = stream.pin_in_place(host)
+    fin()
+    fin()
+    n = len(fake.calls)
+    del host
+    gc.collect()
+    assert len(fake.calls) == n and not fake.registered and not cleared
+    # a range still registered: a clear error, and the runtime's last error cleared before raising
+    host = torch.empty(1 << 16, dtype=torch.uint8)
+    fake.registered.add(host.data_ptr())
+    with pytest.raises(RuntimeError, match="error 712"):
+        stream.pin_in_place(host)
+    assert cleared == [1]

@@ -34,6 +34,9 @@ bookkeeping and the identity of outputs with ``offload=none``.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -339,6 +342,73 @@ def _to_device(module: torch.nn.Module, device: torch.device, skip: set) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# page-locking the host buffer in place (cudaHostRegister), undone when the buffer dies even without detach()
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_cudart():
+    """The libcudart this process already loaded (torch's), by path from /proc/self/maps, so ctypes reaches the same
+    runtime state (dlopen of a loaded path returns that library). None where there is none to find."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "libcudart.so" in ln and "/" in ln}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def _clear_cuda_error() -> bool:
+    """Reset the thread's last CUDA runtime error after a failed runtime call. torch's ``cudart()`` bindings return
+    the error but leave it set, and torch's next kernel-launch check (``cudaGetLastError``) then reports it from an
+    unrelated call ("invalid argument" in the next test). ``torch.cuda.cudart()`` has no ``cudaGetLastError``, so it
+    is called from the loaded libcudart; returns whether it could be."""
+    fn = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if fn is not None:
+        fn()
+        return True
+    lib = _loaded_cudart()
+    if lib is None:
+        return False
+    lib.cudaGetLastError()
+    return True
+
+
+def _cudart_call(name: str, *args) -> int:
+    err = int(getattr(torch.cuda.cudart(), name)(*args))
+    if err:
+        _clear_cuda_error()
+    return err
+
+
+def _unregister(ptr: int) -> None:
+    # a finalizer: never raises (it may run from the garbage collector); a failure only clears the error it left
+    try:
+        _cudart_call("cudaHostUnregister", ptr)
+    except Exception:
+        pass
+
+
+def pin_in_place(host: torch.Tensor) -> weakref.finalize:
+    """Page-lock ``host`` in place and return the (idempotent) finalizer that unregisters it: called by ``detach()``,
+    else run when the tensor is collected. An executor dropped without ``detach()`` (a failed test, a new Runner in
+    the same process) used to leave its range registered; once the memory was freed and reused by the next buffer,
+    cudaHostRegister failed with 712 (cudaErrorHostMemoryAlreadyRegistered)."""
+    ptr, nbytes = host.data_ptr(), host.numel() * host.element_size()
+    err = _cudart_call("cudaHostRegister", ptr, nbytes, 0)
+    if err:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed (error {err}): cannot pin the streamed blocks' "
+                           "host buffer. Alternative: offload=group-leaf or offload=none")
+    fin = weakref.finalize(host, _unregister, ptr)
+    fin.atexit = False  # at interpreter exit the process's pages go anyway, and the runtime may be gone already
+    return fin
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the executor
 
 
@@ -421,11 +491,12 @@ class BlockStream:
         if cuda and total:
             # pinned in place after packing: registering commits every page at once, so doing it before the copies
             # would hold the unpacked component and the whole buffer in host memory together
-            err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), total, 0)
-            self.pinned = int(err) == 0 and self.host.is_pinned()
+            self._unpin = pin_in_place(self.host)
+            self.pinned = self.host.is_pinned()
             if not self.pinned:
-                raise RuntimeError(f"cudaHostRegister of {total} bytes failed (error {int(err)}): cannot pin the "
-                                   "streamed blocks' host buffer")
+                self._unpin()
+                raise RuntimeError(f"cudaHostRegister of {total} bytes returned success but the buffer is not pinned. "
+                                   "Alternative: offload=group-leaf or offload=none")
 
         # the ring: R slot buffers on the device, and per slot one template per distinct layout
         self.slots = max(1, min(self.slots, len(self.streamed))) if self.streamed else 0
@@ -487,8 +558,8 @@ class BlockStream:
             b.parent[b.index] = b.module
         if hasattr(self.root, "stream_templates"):
             del self.root.stream_templates
-        if self.pinned:  # the blocks keep their host views; only the page lock goes
-            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+        if self.pinned:  # the blocks keep their host views; only the page lock goes (once: the finalizer is spent)
+            self._unpin()
             self.pinned = False
         self.templates, self.slot_bufs, self.queue = [], [], deque()
 
