@@ -526,6 +526,7 @@ class BlockStream:
             b.parent[b.index] = StreamedBlock(self, pos, b.module)
 
         self.queue: deque = deque()  # (pos, slot) copied or in flight, not yet computed
+        self.released = False  # slot storages freed between stages (release / _acquire)
         self.next_slot = 0
         self.slot_holds = [None] * self.slots  # which block's bytes each slot holds (or is receiving)
         if cuda:
@@ -562,9 +563,44 @@ class BlockStream:
             self._unpin()
             self.pinned = False
         self.templates, self.slot_bufs, self.queue = [], [], deque()
+        self.released = False
+
+    def release(self) -> int:
+        """Free the ring's device memory after the component's stage (T5 after encode, the transformer after denoise),
+        so the next stage (VAE decode) has it; returns the bytes freed. Each slot buffer's storage is resized to 0:
+        the templates' tensors are views of that storage, so they stay the same objects (same modules, hooks and
+        compiled regions) and hold nothing. The next first block re-allocates the storages (``_acquire``); addresses
+        are stable within a stage, and may change between stages (dynamo does not guard on data_ptr; CUDA graphs,
+        which would, are refused with offload=stream)."""
+        if self.released or not self.slot_bufs:
+            return 0
+        if self.device.type == "cuda":
+            # the cyclic prefetch leaves copies in flight on the copy stream: the free is ordered on the current
+            # stream (the buffers' allocation stream), so that stream first waits for them
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        freed = 0
+        for buf in self.slot_bufs:
+            st = buf.untyped_storage()
+            freed += st.nbytes()
+            st.resize_(0)
+        self.queue.clear()
+        self.slot_holds = [None] * self.slots  # the bytes are gone: every slot is copied again
+        self.released = True
+        return freed
+
+    def _acquire(self) -> None:
+        for buf in self.slot_bufs:
+            buf.untyped_storage().resize_(buf.numel() * buf.element_size())
+        if self.device.type == "cuda":
+            # the new memory may have been in use by work still queued on the current stream (the allocator's reuse
+            # is safe on that stream only): copies into it start after that work
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.released = False
 
     # ------------------------------------------------------------------ running
     def run(self, pos: int, args, kwargs):
+        if self.released:
+            self._acquire()
         if not self.queue or self.queue[0][0] != pos:
             # first call, or the caller skipped or reordered blocks (a step cache): start the ring at this block.
             # Copies still in flight land in their slots before any later copy there (one copy stream, in order)
@@ -623,29 +659,48 @@ class BlockStream:
         if self.trace:
             self.log.append((pos, slot))
 
-    def _close_pass(self) -> None:
-        """Copy time of the previous pass, read from its events once they have completed (no host sync)."""
-        done = [t for t in self._timing if t[1].query()]
-        if done:
-            ms = sum(s.elapsed_time(e) for s, e, _ in done)
-            nbytes = sum(n for _, _, n in done)
-            self.measured = {"copies": len(done), "copy_s": round(ms / 1e3, 5),
-                             "link_gb_s": round(nbytes / (ms / 1e3) / 1e9, 2) if ms > 0 else None}
-        cdone = [t for t in self._compute_timing if t[1].query()]
-        if cdone:  # the streamed blocks' compute over the same window: copies hide when copy_s <= compute_s
-            self.measured["streamed_blocks_compute_s"] = round(sum(s.elapsed_time(e) for s, e in cdone) / 1e3, 5)
-            self.measured["computes"] = len(cdone)
-        self._timing = [t for t in self._timing if not t[1].query()]
-        self._compute_timing = [t for t in self._compute_timing if not t[1].query()]
+    def _close_pass(self, final: bool = False) -> None:
+        """Harvest the copy and compute events that have completed (no host sync). At a pass's end they open a new
+        window (about one pass of copies: the ring's prefetch means some land in the next window); ``stats()``, after
+        a sync, adds the rest (``final``). ``measured`` counts the copies it timed as ``timed_copies``: ``copies``
+        stays the executor's count of every copy issued (a pass-window count under that key read 3 for 2x3+2)."""
+        done, self._timing = _split_done(self._timing, 1)
+        cdone, self._compute_timing = _split_done(self._compute_timing, 1)
+        if done and not final:
+            self._window = [0, 0.0, 0, 0, 0.0]
+        w = getattr(self, "_window", None)
+        if w is None:
+            w = self._window = [0, 0.0, 0, 0, 0.0]
+        w[0] += len(done)
+        w[1] += sum(s.elapsed_time(e) for s, e, _ in done)
+        w[2] += sum(n for _, _, n in done)
+        w[3] += len(cdone)
+        w[4] += sum(s.elapsed_time(e) for s, e in cdone)
+        if w[0]:
+            self.measured = {"timed_copies": w[0], "copy_s": round(w[1] / 1e3, 5),
+                             "link_gb_s": round(w[2] / (w[1] / 1e3) / 1e9, 2) if w[1] > 0 else None}
+            if w[3]:  # the streamed blocks' compute over the same window: copies hide when copy_s <= compute_s
+                self.measured["streamed_blocks_compute_s"] = round(w[4] / 1e3, 5)
+                self.measured["timed_computes"] = w[3]
 
     def stats(self) -> dict:
-        """Counters, and on CUDA the measured copy time of the last pass (synchronizes)."""
+        """``copies``/``bytes_copied``: every copy issued since attach (each pass's, and the ring's prefetch after
+        the last block). On CUDA also the timed window of the last pass (``timed_copies``, ``copy_s``, ``link_gb_s``,
+        ``streamed_blocks_compute_s``); synchronizes."""
         out = {"copies": self.copies, "bytes_copied": self.bytes_copied}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self._close_pass()
+            self._close_pass(final=True)
             out.update(self.measured)
         return out
+
+
+def _split_done(timing: list, end: int) -> tuple[list, list]:
+    """(completed, pending) by each entry's end event, each event queried once (none is lost between two queries)."""
+    done, pending = [], []
+    for t in timing:
+        (done if t[end].query() else pending).append(t)
+    return done, pending
 
 
 def _bindings(tmpl: torch.nn.Module) -> list:
@@ -825,6 +880,13 @@ def apply_stream(pipe, recipe, device, manifest, k: int | None = None, slots: in
     if not ok:
         raise RuntimeError(f"offload=stream was requested but the proxies are not installed: {proxies}")
     return entry
+
+
+def release(pipe, *components: str) -> dict:
+    """After a stage: free the slot buffers of these components' executors (all when none named). Bytes freed per
+    component; a later call of the component re-allocates them at its first streamed block."""
+    executors = getattr(pipe, "_vramfit_stream", {})
+    return {c: ex.release() for c, ex in executors.items() if not components or c in components}
 
 
 def measured(pipe) -> dict:
