@@ -27,6 +27,11 @@ The wrapping is explicit and reversible: each streamed ``ModuleList`` entry is r
 puts the blocks back; templates are registered under ``<component>.stream_templates``, so ``compile=regional``
 (``compile_repeated_blocks``) and ``set_attention_backend`` reach them, and their addresses are fixed.
 
+Between stages the ring holds nothing: ``release()`` (the Runner calls it for T5 after encode and for the
+transformer after denoise) resizes the slot storages to 0, so the VAE decode has that memory; the next first block
+re-allocates them under the same template tensors. The host buffer's page lock is undone by ``detach()`` or, for an
+executor dropped without it, by a finalizer on the buffer, so freed memory never stays registered.
+
 On CPU the same code runs with CPU slot buffers and synchronous copies (no streams or events): the tests cover the
 bookkeeping and the identity of outputs with ``offload=none``.
 """
@@ -890,5 +895,6 @@ def release(pipe, *components: str) -> dict:
 
 
 def measured(pipe) -> dict:
-    """Per component: copies, bytes copied, and on CUDA the last pass's copy time and link rate (synchronizes)."""
+    """Per component: copies and bytes copied since attach, and on CUDA the last pass's timed window (timed_copies,
+    copy_s, link_gb_s; synchronizes)."""
     return {c: ex.stats() for c, ex in getattr(pipe, "_vramfit_stream", {}).items()}
