@@ -348,3 +348,12 @@ def test_runner_releases_the_stream_slots_after_each_stage():
     again = r.generate(req)  # a second image re-allocates them
     assert torch.equal(first.latents, again.latents)
     assert stream.measured(r.pipe)["transformer"]["copies"] == 2 * (2 * 3 + 2)
+
+
+def test_a_broken_bnb4_state_is_named_before_any_kernel_runs():
+    m = tiny("bnb-nf4")
+    stream.check_bnb4_states(m, "transformer")  # as bitsandbytes built them
+    lin = m.transformer_blocks[0].attn.to_q
+    lin.weight.quant_state.absmax = m.transformer_blocks[0].attn.to_k.weight  # what the id mix-up produced
+    with pytest.raises(RuntimeError, match=r"attn\.to_q.*absmax is Params4bit torch.uint8"):
+        stream.check_bnb4_states(m, "transformer")

@@ -318,6 +318,29 @@ def _cpu_pack_bnb4(module: torch.nn.Module) -> None:
                 m.weight.data, _ = _convert_weight_packed_for_cpu(m.weight.data, qs)
 
 
+def check_bnb4_states(module: torch.nn.Module, where: str) -> None:
+    """Every 4-bit weight's quant_state as bitsandbytes builds it: a plain absmax, float32 (uint8 when nested, with a
+    float32 state2.absmax), a float32 code. A broken state (a move that gave it another tensor) fails here with its
+    name, before any kernel runs on it."""
+    for name, m in module.named_modules():
+        w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
+        qs = getattr(w, "quant_state", None) if w is not None else None
+        if qs is None or type(qs).__name__ != "QuantState":
+            continue
+        nested = bool(getattr(qs, "nested", False))
+        want = torch.uint8 if nested else torch.float32
+        cpu_packed = getattr(qs, "packing_format_for_cpu", False)  # bitsandbytes' CPU repack keeps absmax in bf16
+        bad = []
+        if type(qs.absmax) is not torch.Tensor or (qs.absmax.dtype != want and not cpu_packed):
+            bad.append(f"absmax is {type(qs.absmax).__name__} {qs.absmax.dtype}, not Tensor {want}")
+        if qs.code is None or qs.code.dtype != torch.float32:
+            bad.append(f"code is {None if qs.code is None else qs.code.dtype}")
+        if nested and (qs.state2 is None or qs.state2.absmax.dtype != torch.float32):
+            bad.append("nested state2.absmax is not float32")
+        if bad:
+            raise RuntimeError(f"offload=stream: {where}.{name}: bitsandbytes 4-bit state broken ({'; '.join(bad)})")
+
+
 def _to_device(module: torch.nn.Module, device: torch.device, skip: set) -> int:
     """Move every tensor of ``module`` outside the ``skip`` modules to ``device`` by copying plain inner tensors and
     rebuilding the subclasses around them (never ``.to()`` on a subclass). Returns the bytes moved."""
@@ -513,6 +536,9 @@ class BlockStream:
         self.layout_id = [list(layouts).index(b.layout.signature) for b in self.streamed]
         self.templates = [[_template(rep.module, rep.layout, buf) for rep in layouts.values()]
                           for buf in self.slot_bufs]
+        for row in self.templates:
+            for tmpl, rep in zip(row, layouts.values()):
+                check_bnb4_states(tmpl, f"{self.component} template of {rep.name}")
         for row in self.templates:  # a template must be laid out exactly as the blocks it runs
             for tmpl, (sig, rep) in zip(row, layouts.items()):
                 got = block_layout(tmpl).signature
@@ -810,6 +836,7 @@ def quantize_streamed(module: torch.nn.Module, component: str, value: str, devic
         for i, block in enumerate(lst):
             quant.quantize_component(_One(block, _block_skip(skip, f"{lname}.{i}")), component, value, device)
             _to_device(block, host, set())  # packed bytes leave the device before the next block comes
+            check_bnb4_states(block, f"{component}.{lname}.{i}")
             n_blocks += 1
     saved = {lname: list(lst) for lname, lst in lists}
     for _, lst in lists:  # the rest: quantized and placed by the component's own call, blocks set aside
