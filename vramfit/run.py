@@ -149,6 +149,14 @@ class Runner:
         self.pipe.register_modules(**{c: None for c in STAGE_COMPONENTS[stage]})
         measure.free_memory(self.device)
 
+    def _release_stream(self, component: str) -> None:
+        """offload=stream: the component's slot buffers are freed once its stage is over (re-allocated at its next
+        first block), so the later stages have that memory (the VAE decode under a 3 GB cap)."""
+        if self.recipe.offload_kind == "stream":
+            from . import stream
+
+            stream.release(self.pipe, component)
+
     # ------------------------------------------------------------------ generation
     def generate(self, req: Request) -> Result:
         req.validate(self.spec)
@@ -169,6 +177,7 @@ class Runner:
             )
         if self.staged:
             self._free_stage("encode")
+        self._release_stream("text_encoder_2")
 
         def on_step(_pipe, i, t, kwargs):
             measure.sync(dev)
@@ -196,6 +205,7 @@ class Runner:
             runtime.verify_after_run(pipe, self.recipe, req.steps, self.manifest)
         if self.staged:
             self._free_stage("denoise")
+        self._release_stream("transformer")
 
         self.on_event("decode")
         with measure.stage(dev, self.memory, stages, "decode") as rec:

@@ -27,6 +27,11 @@ The wrapping is explicit and reversible: each streamed ``ModuleList`` entry is r
 puts the blocks back; templates are registered under ``<component>.stream_templates``, so ``compile=regional``
 (``compile_repeated_blocks``) and ``set_attention_backend`` reach them, and their addresses are fixed.
 
+Between stages the ring holds nothing: ``release()`` (the Runner calls it for T5 after encode and for the
+transformer after denoise) resizes the slot storages to 0, so the VAE decode has that memory; the next first block
+re-allocates them under the same template tensors. The host buffer's page lock is undone by ``detach()`` or, for an
+executor dropped without it, by a finalizer on the buffer, so freed memory never stays registered.
+
 On CPU the same code runs with CPU slot buffers and synchronous copies (no streams or events): the tests cover the
 bookkeeping and the identity of outputs with ``offload=none``.
 """
@@ -34,6 +39,9 @@ bookkeeping and the identity of outputs with ``offload=none``.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -100,14 +108,22 @@ def _walk(t, out: list, meta: list, path: str) -> None:
                 _walk(v, out, meta, f"{path}.{k}")
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a plain tensor sharing its storage (no subclass method runs on it)."""
+    return t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor)
+
+
 def _rebuild(t, new_plain, objmap: dict):
     """A new object of ``t``'s type whose plain tensors are ``new_plain(old_plain)``; bitsandbytes state objects are
-    copied once per block (``objmap``), so a weight and its module keep sharing one state."""
-    if id(t) in objmap:
-        return objmap[id(t)]
+    copied once per block (``objmap``), so a weight and its module keep sharing one state. ``objmap`` maps id(old) to
+    (old, new): it keeps the old object alive and is checked by identity, so an id reused by a new object after the
+    old one is freed (a module's tensors are replaced one by one) can never return another object's copy."""
+    hit = objmap.get(id(t))
+    if hit is not None and hit[0] is t:
+        return hit[1]
     if _is_state(t):
         new = copy.copy(t)
-        objmap[id(t)] = new
+        objmap[id(t)] = (t, new)
         for k, v in _state_items(t):
             setattr(new, k, _rebuild(v, new_plain, objmap))
         return new
@@ -129,7 +145,7 @@ def _rebuild(t, new_plain, objmap: dict):
                 if isinstance(v, torch.Tensor) or _is_state(v):
                     v = _rebuild(v, new_plain, objmap)
                 setattr(new, k, v)
-    objmap[id(t)] = new
+    objmap[id(t)] = (t, new)
     return new
 
 
@@ -255,7 +271,7 @@ def _template(block: torch.nn.Module, layout: Layout, buf: torch.Tensor) -> torc
     for mod in block.modules():
         for kind, name, v in _owned_tensors(mod):
             memo[id(v)] = _rebuild(v, new_plain, objmap)
-    for old_id, new in list(objmap.items()):  # states reached through parameters
+    for old_id, (_, new) in list(objmap.items()):  # states reached through parameters (objmap keeps them alive)
         memo.setdefault(old_id, new)
     tmpl = copy.deepcopy(block, memo)
     _fix_module_refs(tmpl)
@@ -302,6 +318,29 @@ def _cpu_pack_bnb4(module: torch.nn.Module) -> None:
                 m.weight.data, _ = _convert_weight_packed_for_cpu(m.weight.data, qs)
 
 
+def check_bnb4_states(module: torch.nn.Module, where: str) -> None:
+    """Every 4-bit weight's quant_state as bitsandbytes builds it: a plain absmax, float32 (uint8 when nested, with a
+    float32 state2.absmax), a float32 code. A broken state (a move that gave it another tensor) fails here with its
+    name, before any kernel runs on it."""
+    for name, m in module.named_modules():
+        w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
+        qs = getattr(w, "quant_state", None) if w is not None else None
+        if qs is None or type(qs).__name__ != "QuantState":
+            continue
+        nested = bool(getattr(qs, "nested", False))
+        want = torch.uint8 if nested else torch.float32
+        cpu_packed = getattr(qs, "packing_format_for_cpu", False)  # bitsandbytes' CPU repack keeps absmax in bf16
+        bad = []
+        if type(qs.absmax) is not torch.Tensor or (qs.absmax.dtype != want and not cpu_packed):
+            bad.append(f"absmax is {type(qs.absmax).__name__} {qs.absmax.dtype}, not Tensor {want}")
+        if qs.code is None or qs.code.dtype != torch.float32:
+            bad.append(f"code is {None if qs.code is None else qs.code.dtype}")
+        if nested and (qs.state2 is None or qs.state2.absmax.dtype != torch.float32):
+            bad.append("nested state2.absmax is not float32")
+        if bad:
+            raise RuntimeError(f"offload=stream: {where}.{name}: bitsandbytes 4-bit state broken ({'; '.join(bad)})")
+
+
 def _to_device(module: torch.nn.Module, device: torch.device, skip: set) -> int:
     """Move every tensor of ``module`` outside the ``skip`` modules to ``device`` by copying plain inner tensors and
     rebuilding the subclasses around them (never ``.to()`` on a subclass). Returns the bytes moved."""
@@ -310,7 +349,11 @@ def _to_device(module: torch.nn.Module, device: torch.device, skip: set) -> int:
     def new_plain(t):
         k = _key(t)
         if k not in moved:
-            moved[k] = t if t.device == device else t.to(device)
+            # the plain tensor, never the subclass's own .to(): Params4bit.to moves its quant_state IN PLACE
+            # (QuantState.to rebinds absmax/code), which frees the old state tensors mid-walk; their ids are then
+            # reused by the new ones, and an id-keyed map would hand a later state another module's weight
+            # (CUDA nf4: "absmax must be float32, got torch.uint8")
+            moved[k] = t if t.device == device else _plain(t).to(device)
         return moved[k]
 
     objmap: dict = {}
@@ -324,6 +367,73 @@ def _to_device(module: torch.nn.Module, device: torch.device, skip: set) -> int:
         stack.extend(mod._modules.values() if mod._modules else ())
     _fix_module_refs(module)
     return sum(t.untyped_storage().nbytes() for k, t in moved.items() if k[4] != device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# page-locking the host buffer in place (cudaHostRegister), undone when the buffer dies even without detach()
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_cudart():
+    """The libcudart this process already loaded (torch's), by path from /proc/self/maps, so ctypes reaches the same
+    runtime state (dlopen of a loaded path returns that library). None where there is none to find."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "libcudart.so" in ln and "/" in ln}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def _clear_cuda_error() -> bool:
+    """Reset the thread's last CUDA runtime error after a failed runtime call. torch's ``cudart()`` bindings return
+    the error but leave it set, and torch's next kernel-launch check (``cudaGetLastError``) then reports it from an
+    unrelated call ("invalid argument" in the next test). ``torch.cuda.cudart()`` has no ``cudaGetLastError``, so it
+    is called from the loaded libcudart; returns whether it could be."""
+    fn = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+    if fn is not None:
+        fn()
+        return True
+    lib = _loaded_cudart()
+    if lib is None:
+        return False
+    lib.cudaGetLastError()
+    return True
+
+
+def _cudart_call(name: str, *args) -> int:
+    err = int(getattr(torch.cuda.cudart(), name)(*args))
+    if err:
+        _clear_cuda_error()
+    return err
+
+
+def _unregister(ptr: int) -> None:
+    # a finalizer: never raises (it may run from the garbage collector); a failure only clears the error it left
+    try:
+        _cudart_call("cudaHostUnregister", ptr)
+    except Exception:
+        pass
+
+
+def pin_in_place(host: torch.Tensor) -> weakref.finalize:
+    """Page-lock ``host`` in place and return the (idempotent) finalizer that unregisters it: called by ``detach()``,
+    else run when the tensor is collected. An executor dropped without ``detach()`` (a failed test, a new Runner in
+    the same process) used to leave its range registered; once the memory was freed and reused by the next buffer,
+    cudaHostRegister failed with 712 (cudaErrorHostMemoryAlreadyRegistered)."""
+    ptr, nbytes = host.data_ptr(), host.numel() * host.element_size()
+    err = _cudart_call("cudaHostRegister", ptr, nbytes, 0)
+    if err:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed (error {err}): cannot pin the streamed blocks' "
+                           "host buffer. Alternative: offload=group-leaf or offload=none")
+    fin = weakref.finalize(host, _unregister, ptr)
+    fin.atexit = False  # at interpreter exit the process's pages go anyway, and the runtime may be gone already
+    return fin
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,11 +519,12 @@ class BlockStream:
         if cuda and total:
             # pinned in place after packing: registering commits every page at once, so doing it before the copies
             # would hold the unpacked component and the whole buffer in host memory together
-            err = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), total, 0)
-            self.pinned = int(err) == 0 and self.host.is_pinned()
+            self._unpin = pin_in_place(self.host)
+            self.pinned = self.host.is_pinned()
             if not self.pinned:
-                raise RuntimeError(f"cudaHostRegister of {total} bytes failed (error {int(err)}): cannot pin the "
-                                   "streamed blocks' host buffer")
+                self._unpin()
+                raise RuntimeError(f"cudaHostRegister of {total} bytes returned success but the buffer is not pinned. "
+                                   "Alternative: offload=group-leaf or offload=none")
 
         # the ring: R slot buffers on the device, and per slot one template per distinct layout
         self.slots = max(1, min(self.slots, len(self.streamed))) if self.streamed else 0
@@ -425,6 +536,9 @@ class BlockStream:
         self.layout_id = [list(layouts).index(b.layout.signature) for b in self.streamed]
         self.templates = [[_template(rep.module, rep.layout, buf) for rep in layouts.values()]
                           for buf in self.slot_bufs]
+        for row in self.templates:
+            for tmpl, rep in zip(row, layouts.values()):
+                check_bnb4_states(tmpl, f"{self.component} template of {rep.name}")
         for row in self.templates:  # a template must be laid out exactly as the blocks it runs
             for tmpl, (sig, rep) in zip(row, layouts.items()):
                 got = block_layout(tmpl).signature
@@ -443,6 +557,7 @@ class BlockStream:
             b.parent[b.index] = StreamedBlock(self, pos, b.module)
 
         self.queue: deque = deque()  # (pos, slot) copied or in flight, not yet computed
+        self.released = False  # slot storages freed between stages (release / _acquire)
         self.next_slot = 0
         self.slot_holds = [None] * self.slots  # which block's bytes each slot holds (or is receiving)
         if cuda:
@@ -475,13 +590,48 @@ class BlockStream:
             b.parent[b.index] = b.module
         if hasattr(self.root, "stream_templates"):
             del self.root.stream_templates
-        if self.pinned:  # the blocks keep their host views; only the page lock goes
-            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+        if self.pinned:  # the blocks keep their host views; only the page lock goes (once: the finalizer is spent)
+            self._unpin()
             self.pinned = False
         self.templates, self.slot_bufs, self.queue = [], [], deque()
+        self.released = False
+
+    def release(self) -> int:
+        """Free the ring's device memory after the component's stage (T5 after encode, the transformer after denoise),
+        so the next stage (VAE decode) has it; returns the bytes freed. Each slot buffer's storage is resized to 0:
+        the templates' tensors are views of that storage, so they stay the same objects (same modules, hooks and
+        compiled regions) and hold nothing. The next first block re-allocates the storages (``_acquire``); addresses
+        are stable within a stage, and may change between stages (dynamo does not guard on data_ptr; CUDA graphs,
+        which would, are refused with offload=stream)."""
+        if self.released or not self.slot_bufs:
+            return 0
+        if self.device.type == "cuda":
+            # the cyclic prefetch leaves copies in flight on the copy stream: the free is ordered on the current
+            # stream (the buffers' allocation stream), so that stream first waits for them
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        freed = 0
+        for buf in self.slot_bufs:
+            st = buf.untyped_storage()
+            freed += st.nbytes()
+            st.resize_(0)
+        self.queue.clear()
+        self.slot_holds = [None] * self.slots  # the bytes are gone: every slot is copied again
+        self.released = True
+        return freed
+
+    def _acquire(self) -> None:
+        for buf in self.slot_bufs:
+            buf.untyped_storage().resize_(buf.numel() * buf.element_size())
+        if self.device.type == "cuda":
+            # the new memory may have been in use by work still queued on the current stream (the allocator's reuse
+            # is safe on that stream only): copies into it start after that work
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.released = False
 
     # ------------------------------------------------------------------ running
     def run(self, pos: int, args, kwargs):
+        if self.released:
+            self._acquire()
         if not self.queue or self.queue[0][0] != pos:
             # first call, or the caller skipped or reordered blocks (a step cache): start the ring at this block.
             # Copies still in flight land in their slots before any later copy there (one copy stream, in order)
@@ -540,29 +690,48 @@ class BlockStream:
         if self.trace:
             self.log.append((pos, slot))
 
-    def _close_pass(self) -> None:
-        """Copy time of the previous pass, read from its events once they have completed (no host sync)."""
-        done = [t for t in self._timing if t[1].query()]
-        if done:
-            ms = sum(s.elapsed_time(e) for s, e, _ in done)
-            nbytes = sum(n for _, _, n in done)
-            self.measured = {"copies": len(done), "copy_s": round(ms / 1e3, 5),
-                             "link_gb_s": round(nbytes / (ms / 1e3) / 1e9, 2) if ms > 0 else None}
-        cdone = [t for t in self._compute_timing if t[1].query()]
-        if cdone:  # the streamed blocks' compute over the same window: copies hide when copy_s <= compute_s
-            self.measured["streamed_blocks_compute_s"] = round(sum(s.elapsed_time(e) for s, e in cdone) / 1e3, 5)
-            self.measured["computes"] = len(cdone)
-        self._timing = [t for t in self._timing if not t[1].query()]
-        self._compute_timing = [t for t in self._compute_timing if not t[1].query()]
+    def _close_pass(self, final: bool = False) -> None:
+        """Harvest the copy and compute events that have completed (no host sync). At a pass's end they open a new
+        window (about one pass of copies: the ring's prefetch means some land in the next window); ``stats()``, after
+        a sync, adds the rest (``final``). ``measured`` counts the copies it timed as ``timed_copies``: ``copies``
+        stays the executor's count of every copy issued (a pass-window count under that key read 3 for 2x3+2)."""
+        done, self._timing = _split_done(self._timing, 1)
+        cdone, self._compute_timing = _split_done(self._compute_timing, 1)
+        if done and not final:
+            self._window = [0, 0.0, 0, 0, 0.0]
+        w = getattr(self, "_window", None)
+        if w is None:
+            w = self._window = [0, 0.0, 0, 0, 0.0]
+        w[0] += len(done)
+        w[1] += sum(s.elapsed_time(e) for s, e, _ in done)
+        w[2] += sum(n for _, _, n in done)
+        w[3] += len(cdone)
+        w[4] += sum(s.elapsed_time(e) for s, e in cdone)
+        if w[0]:
+            self.measured = {"timed_copies": w[0], "copy_s": round(w[1] / 1e3, 5),
+                             "link_gb_s": round(w[2] / (w[1] / 1e3) / 1e9, 2) if w[1] > 0 else None}
+            if w[3]:  # the streamed blocks' compute over the same window: copies hide when copy_s <= compute_s
+                self.measured["streamed_blocks_compute_s"] = round(w[4] / 1e3, 5)
+                self.measured["timed_computes"] = w[3]
 
     def stats(self) -> dict:
-        """Counters, and on CUDA the measured copy time of the last pass (synchronizes)."""
+        """``copies``/``bytes_copied``: every copy issued since attach (each pass's, and the ring's prefetch after
+        the last block). On CUDA also the timed window of the last pass (``timed_copies``, ``copy_s``, ``link_gb_s``,
+        ``streamed_blocks_compute_s``); synchronizes."""
         out = {"copies": self.copies, "bytes_copied": self.bytes_copied}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self._close_pass()
+            self._close_pass(final=True)
             out.update(self.measured)
         return out
+
+
+def _split_done(timing: list, end: int) -> tuple[list, list]:
+    """(completed, pending) by each entry's end event, each event queried once (none is lost between two queries)."""
+    done, pending = [], []
+    for t in timing:
+        (done if t[end].query() else pending).append(t)
+    return done, pending
 
 
 def _bindings(tmpl: torch.nn.Module) -> list:
@@ -667,6 +836,7 @@ def quantize_streamed(module: torch.nn.Module, component: str, value: str, devic
         for i, block in enumerate(lst):
             quant.quantize_component(_One(block, _block_skip(skip, f"{lname}.{i}")), component, value, device)
             _to_device(block, host, set())  # packed bytes leave the device before the next block comes
+            check_bnb4_states(block, f"{component}.{lname}.{i}")
             n_blocks += 1
     saved = {lname: list(lst) for lname, lst in lists}
     for _, lst in lists:  # the rest: quantized and placed by the component's own call, blocks set aside
@@ -744,6 +914,14 @@ def apply_stream(pipe, recipe, device, manifest, k: int | None = None, slots: in
     return entry
 
 
+def release(pipe, *components: str) -> dict:
+    """After a stage: free the slot buffers of these components' executors (all when none named). Bytes freed per
+    component; a later call of the component re-allocates them at its first streamed block."""
+    executors = getattr(pipe, "_vramfit_stream", {})
+    return {c: ex.release() for c, ex in executors.items() if not components or c in components}
+
+
 def measured(pipe) -> dict:
-    """Per component: copies, bytes copied, and on CUDA the last pass's copy time and link rate (synchronizes)."""
+    """Per component: copies and bytes copied since attach, and on CUDA the last pass's timed window (timed_copies,
+    copy_s, link_gb_s; synchronizes)."""
     return {c: ex.stats() for c, ex in getattr(pipe, "_vramfit_stream", {}).items()}
