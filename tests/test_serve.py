@@ -4,7 +4,7 @@ stopped by this file by pid, every call bounded in time.
 * server A: pipelined (a worker process per stage), --max-batch 4, --api-key, --idle-unload 8, --test-faults
 * server B: stage-batch (offload=staged, one worker hosting the stages in turn), --max-batch 1, --max-queue 8
 
-References are made by `vramfit generate` itself (vramfit.cli.main in this process).
+References are made by `vramfit generate` itself, in a fresh process.
 """
 
 from __future__ import annotations
@@ -128,15 +128,16 @@ def reference(prompt: str, seed: int, recipe: str = "", size: int = SIZE, steps:
     """The image `vramfit generate` writes for these settings (pixels)."""
     from PIL import Image
 
-    from vramfit import cli
-
     key = (prompt, seed, recipe, size, steps)
     if key not in _refs:
         out = Path(f"/tmp/vramfit-serve-ref-{os.getpid()}-{len(_refs)}.png")
-        rc = cli.main(["generate", prompt, "--model", "flux-tiny", "--device", "cpu", "--recipe", recipe,
-                       "--steps", str(steps), "--height", str(size), "--width", str(size), "--seed", str(seed),
-                       "--no-progress", "--out", str(out)])
-        assert rc == 0
+        # a fresh process, as a user runs it: state that earlier tests of this session left in torch (kernel and
+        # compiler switches) must not decide what "the image generate writes" is
+        rc = subprocess.run([sys.executable, "-m", "vramfit.cli", "generate", prompt, "--model", "flux-tiny",
+                             "--device", "cpu", "--recipe", recipe, "--steps", str(steps), "--height", str(size),
+                             "--width", str(size), "--seed", str(seed), "--no-progress", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+        assert rc.returncode == 0, rc.stderr[-2000:]
         _refs[key] = np.asarray(Image.open(out).convert("RGB"))
         out.unlink()
         out.with_suffix(".json").unlink()
