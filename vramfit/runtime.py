@@ -225,7 +225,10 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
         manifest.add("compile", mode=scope, torch_mode=mode, graphs=compile_graphs(recipe),
                      autotune=compile_autotune(recipe), api=api, compiled_modules=len(compiled),
                      graphs_before=counters["stats"].get("unique_graphs", 0), verified=None,  # after the first run
-                     key=[scope, str(mode), sorted({type(m).__name__ for m in compiled})])
+                     key=[scope, str(mode), sorted({type(m).__name__ for m in compiled})],
+                     # torch.compile's wrappers carry the function they compile; a stand-in wrapper does not
+                     dynamo_wrapped=all(hasattr(m._compiled_call_impl, "_torchdynamo_orig_callable")
+                                        for m in compiled))
 
 
 # compile keys whose first run made graphs in this process: dynamo keeps compiled frames per code object, so a later
@@ -370,7 +373,7 @@ def verify_after_run(pipe, recipe, steps: int, manifest) -> None:
                 ("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
                 ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"))}
             key = repr(entry.get("key"))
-            if made <= 0 and key in _GRAPHS_MADE:
+            if made <= 0 and key in _GRAPHS_MADE and entry.get("dynamo_wrapped"):
                 entry["reused_graphs"] = "graphs compiled earlier in this process for the same block classes"
             elif made <= 0:
                 raise NotApplied(f"compile={recipe.compile}: the first generation ran but dynamo compiled no graph "
