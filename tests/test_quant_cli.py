@@ -92,3 +92,13 @@ def test_cuda_only_backends_refused_on_cpu(value, capsys, tmp_path):
     code, _, err = run(["generate", PROMPT, "--model", "flux-tiny", "--recipe", f"transformer={value}", "--device",
                         "cpu", "--out", str(tmp_path / "x.png")], capsys)
     assert code == 2 and f"transformer={value}" in err and "Alternative" in err
+
+
+def test_export_creates_missing_parent_folders(tmp_path):
+    """README: `vramfit export flux-tiny --out ckpt/tiny` where ckpt/ does not exist yet."""
+    from vramfit import cli
+
+    out = tmp_path / "ckpt" / "tiny"
+    assert cli.main(["export", "flux-tiny", "--out", str(out)]) == 0
+    assert (out / "model_index.json").is_file() and (out / "vramfit.json").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["tiny"]  # no temporary folder left beside it

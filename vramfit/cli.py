@@ -45,6 +45,7 @@ def save_pipeline_dir(pipe, out: Path, marker: dict) -> int:
     holds), then rename it to ``out``: a failure leaves nothing half-written. Returns the bytes written."""
     import shutil
 
+    out.parent.mkdir(parents=True, exist_ok=True)  # `--out ckpt/tiny` with no ckpt/ yet (the write check passed)
     tmp = Path(tempfile.mkdtemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}."))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
