@@ -205,6 +205,10 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--work", default=None, help="scratch directory for the checkpoints (not $OUT: 40 GB)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--skip", default=os.environ.get("VRAMFIT_LOADER_SKIP", ""),
+                    help="comma-separated NAME:OFFLOAD[:dir|random] rows measured in an earlier call")
+    ap.add_argument("--dir-first", action="store_true", default=bool(os.environ.get("VRAMFIT_LOADER_DIR_FIRST")),
+                    help="order: code rows, every --weights DIR row, then the random-weight pairs")
     ap.add_argument("--only", default=os.environ.get("VRAMFIT_LOADER_ONLY", ""),
                     help="comma-separated scenario names (a backend name, a code recipe, or 'code' for the vramfit "
                          "code rows and their generate pairs); default: all")
@@ -220,18 +224,23 @@ def main() -> int:
     a.size = 128 if a.smoke else 1024
     a.work = a.work or ("/tmp/vramfit-loader-smoke" if a.smoke else "/tmp/vramfit-loader")
     work = Path(a.work)
-    if work.exists():
+    ckpt = work / model
+    reuse = bool(os.environ.get("VRAMFIT_LOADER_REUSE")) and (ckpt / "model_index.json").exists()
+    if work.exists() and not reuse:
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     rows = Rows(out / "device_loader.jsonl")
     t_start = time.perf_counter()
 
     def left() -> float:
         return a.budget_s - (time.perf_counter() - t_start)
 
-    ckpt = work / model
-    code, _, err, wall = sh(cli("export", model, "--weights", "random", "--out", str(ckpt)), max(60.0, left()))
-    rows.add({"kind": "export", "model": model, "status": "ok" if code == 0 else "error", "wall_s": round(wall, 1),
+    if reuse:  # a warm machine still holds the export of an earlier call (same command, same seed)
+        code, err, wall = 0, "", 0.0
+    else:
+        code, _, err, wall = sh(cli("export", model, "--weights", "random", "--out", str(ckpt)), max(60.0, left()))
+    rows.add({"kind": "export", "model": model, "status": ("reused" if reuse else "ok") if code == 0 else "error",
+              "wall_s": round(wall, 1),
               "bytes": sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) if ckpt.exists() else None,
               **({"stderr_tail": err[-2000:]} if code else {})})
     if code != 0:
@@ -241,8 +250,24 @@ def main() -> int:
         keep = set(a.only.split(","))
         scenarios = [sc for sc in scenarios if sc["name"] in keep
                      or ("code" in keep and (sc["kind"] == "code" or sc.get("pair_of") == "code"))]
+    if a.skip:  # NAME:OFFLOAD[:dir|random] measured in an earlier call
+        skip = [x.split(":") for x in a.skip.split(",") if x]
+        scenarios = [sc for sc in scenarios if not any(
+            sc["name"] == k[0] and sc["offload"] == k[1] and (len(k) < 3 or sc["weights"] == k[2]) for k in skip)]
+    if a.dir_first:  # the real path first: code rows, then every DIR row, then the random pairs
+        rank = {("code", None): 0, ("dir", "none"): 1, ("dir", "model"): 2, ("random", "none"): 3,
+                ("random", "model"): 4}
+        scenarios.sort(key=lambda sc: 0 if sc["kind"] == "code" or sc.get("pair_of") == "code"
+                       else rank[(sc["weights"], sc["offload"])])
+    repeat = int(os.environ.get("VRAMFIT_LOADER_CODE_REPEAT", "1"))
+    if repeat > 1:  # code/generate pairs alternated `repeat` times (group offload's s/step varies from run to run)
+        pair = [sc for sc in scenarios if sc["kind"] == "code" or sc.get("pair_of") == "code"]
+        rest = [sc for sc in scenarios if sc not in pair]
+        scenarios = [dict(sc, repeat=i) for i in range(repeat) for sc in pair] + rest
     gguf = work / "transformer-q4_1.gguf"
-    if any(sc["recipe"] == "gguf" for sc in scenarios):
+    if reuse and gguf.exists():
+        pass
+    elif any(sc["recipe"] == "gguf" for sc in scenarios):
         code, _, err, wall = sh(cli("export-gguf", model, "--weights", str(ckpt), "--type", "q4_1", "--out",
                                     str(gguf)), 90.0)
         if code == 124:
@@ -267,10 +292,11 @@ def main() -> int:
         r = code_row(s, a, model, ckpt, timeout) if s["kind"] == "code" else \
             generate_row(s, a, model, ckpt, gguf, timeout)
         done[key] = rows.add({**s, "model": model, **r})
-        if s["kind"] == "generate" and s["weights"] == "random" and s.get("pair_of") is None:
+        if s["kind"] == "generate" and s.get("pair_of") is None:  # the pair's second row, in either order
             d = done.get(("generate", s["name"], s["offload"], "dir"))
-            if d and d.get("status") == "ok" and r.get("status") == "ok":
-                compare(rows, d, r, f"{s['name']} offload={s['offload']}: DIR (a) vs random (b)")
+            rnd = done.get(("generate", s["name"], s["offload"], "random"))
+            if d and rnd and d.get("status") == "ok" and rnd.get("status") == "ok":
+                compare(rows, d, rnd, f"{s['name']} offload={s['offload']}: DIR (a) vs random (b)")
         if s.get("pair_of") == "code":
             c = done.get(("code", s["name"], None, "dir"))
             if c and c.get("status") == "ok" and r.get("status") == "ok":
