@@ -81,7 +81,8 @@ def matrix_values() -> list[str]:
 
 def allowed(value: str, offload: str, device_type: str) -> bool:
     r = recipe_for(value).with_(offload=offload)
-    if any(True for _ in apply._unbuilt(r)):
+    if any(True for _ in apply._unbuilt(r)) or any(True for _ in apply.model_problems(models.get_model("flux-tiny"),
+                                                                                        r.components)):
         return False
     return not list(apply.problems(r.components, r.offload_kind, "off", "native", device_type))
 
@@ -135,9 +136,15 @@ def run_cell(ck: Checkpoints, value: str, offload: str, source: str, device: tor
     rec = res.record
     assert rec["latents"]["finite"]
     steps = rec["manifest"]
-    if source == "dir" and offload != "staged" and quant.get_spec(value).family in ("bnb", "torchao", "quanto"):
-        [pq] = [s for s in steps if s["step"] == "pipeline-quantization"]
-        assert pq["verified"] and set(pq["configs"]) == set(recipe.quantized())
+    family = quant.get_spec(value).family
+    if source == "dir" and family in ("bnb", "torchao", "quanto"):
+        if offload in ("staged", "stream"):  # component by component (each placed where its stage/executor wants)
+            loads = {s["component"]: s for s in steps if s["step"] == "load"}
+            for c in recipe.quantized():
+                assert "quantization_config=" in loads[c]["api"] and loads[c].get("quantized_classes"), loads[c]
+        else:
+            [pq] = [s for s in steps if s["step"] == "pipeline-quantization"]
+            assert pq["verified"] and set(pq["configs"]) == set(recipe.quantized())
     quantized_somewhere = [s for s in steps if s.get("quantized_classes") or (s["step"] == "quantize"
                                                                                 and s.get("quantized_modules"))]
     assert quantized_somewhere, "no quantized layers recorded"
@@ -206,7 +213,7 @@ def test_loading_matrix_gpu(gpu_checkpoints, summary, value, offload, source):
 
 
 CPU_CELLS = [("torchao-int8wo", "none", "dir"), ("quanto-int8", "staged", "dir"), ("fp8-layerwise", "none", "saved"),
-             ("torchao-int8wo", "staged", "saved"), ("gguf-q8_0", "none", "saved")]
+             ("torchao-int8wo", "staged", "saved"), ("gguf-q8_0", "none", "saved"), ("quanto-int8", "stream", "dir")]
 
 
 def test_loading_matrix_cpu(tmp_path, summary):

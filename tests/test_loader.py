@@ -120,6 +120,19 @@ def test_quantize_on_load_onto_a_gpu_lands_each_weight_there():
     assert apply.pipeline_device_map(nf, CPU, {}) is None
 
 
+@pytest.mark.parametrize("method,want", [("quanto", None), ("torchao", "cuda"), (None, "cuda")])
+def test_a_prequantized_quanto_checkpoint_loads_without_a_device_map(tmp_path, method, want):
+    # the H200 matrix: quanto-int8 from `vramfit quantize`'s output with device_map="cuda" fails inside diffusers'
+    # allocator warm-up ("...weight._data not found"); it loads into host memory and is placed after
+    (tmp_path / "transformer").mkdir()
+    cfg = {"_class_name": "FluxTransformer2DModel"}
+    if method:
+        cfg["quantization_config"] = {"quant_method": method}
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(cfg))
+    w = models.Weights("dir", path=str(tmp_path))
+    assert apply.pipeline_device_map(Recipe(), torch.device("cuda"), {}, w) == want
+
+
 def test_prequantized_dir_without_vramfit_json_records_what_it_holds(tmp_path, capsys):
     ck = tmp_path / "q"
     code, _, err = run(["quantize", "flux-tiny", "--recipe", "transformer=torchao-int8wo", "--device", "cpu",
@@ -160,6 +173,15 @@ def test_saved_configs_name_their_value(saved, value):
     assert quant.value_of_saved_config(saved) == value
 
 
+@pytest.mark.parametrize("value", [v for v, s in quant.BACKENDS.items() if s.family in ("torchao", "quanto", "bnb")])
+def test_every_config_vramfit_writes_reads_back_as_its_value(value):
+    # the H200 matrix: a torchao-fp8dq-tensor checkpoint read back as torchao-fp8dq (granularity is saved as an
+    # (activation, weight) list, which the reader took for a dict)
+    cfg = quant.quantization_config(value, "transformer")
+    saved = json.loads(json.dumps(cfg.to_dict(), default=str))  # what config.json holds
+    assert quant.value_of_saved_config(saved) == value
+
+
 def test_from_pretrained_with_a_quantization_config_is_placed(ckpt, monkeypatch):
     # the H200 bug: with a quantization_config the component was never moved ("mat2 is on cpu")
     seen = []
@@ -168,3 +190,27 @@ def test_from_pretrained_with_a_quantization_config_is_placed(ckpt, monkeypatch)
     cfg = quant.quantization_config("torchao-int8wo", "transformer")
     m = models.load_pretrained_component(str(ckpt), "transformer", torch.bfloat16, CPU, cfg)
     assert seen == [CPU] and quant.quantized_classes(m)  # placed through the one placement point
+
+
+def test_per_tensor_fp8_is_refused_where_torchao_misreads_128x128_weights():
+    # the H200 matrix: every flux-tiny cell with torchao-fp8dq-tensor failed in torchao's matmul ("input_tensor
+    # must be 1x128 scaled"): a per-tensor scale of a 128x128 weight is taken for 128x128 block scaling
+    tiny, dev = models.get_model("flux-tiny"), models.get_model("flux-dev")
+    r = Recipe.parse("transformer=torchao-fp8dq-tensor")
+    with pytest.raises(RecipeError, match="128x128.*Alternative: transformer=torchao-fp8dq"):
+        apply.check(r, CPU, tiny)
+    assert not list(apply.model_problems(dev, r.components))  # FLUX.1-dev has no 128x128 linear layer
+    assert not list(apply.model_problems(tiny, Recipe.parse("transformer=torchao-fp8dq").components))
+    from vramfit.plan.choice import refusal
+
+    assert "128x128" in refusal(r, "cuda", {"capability": "9.0"}, here=False, model="flux-tiny")
+    assert refusal(r, "cuda", {"capability": "9.0"}, here=False, model="flux-dev") is None
+
+
+def test_int4_weights_are_refused_with_group_offload():
+    # the H200 matrix: diffusers' group offload calls is_pinned(), which torchao's int4 tensor lacks
+    for o in ("group-block", "group-leaf"):
+        probs = list(apply.problems({"transformer": "torchao-int4wo"}, o, "off", "native", "cuda", installed=False))
+        assert any("is_pinned" in why and "offload=stream" in alt for why, alt in probs)
+    assert not list(apply.problems({"transformer": "torchao-int4wo"}, "model", "off", "native", "cuda",
+                                   installed=False))

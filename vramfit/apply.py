@@ -7,6 +7,7 @@ any heavy work with a RecipeError that gives the reason and an alternative -- ne
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -103,10 +104,34 @@ def _unbuilt(recipe: Recipe):
         yield "offload=stream: the streaming executor is not part of this build", "offload=group-leaf or offload=model"
 
 
-def check(recipe: Recipe, device: torch.device) -> dict:
-    """Refuse what cannot run on this device, with reason and alternative. Returns dynamo settings to apply."""
+@functools.lru_cache(maxsize=None)
+def _square_128_linears(model_name: str, component: str) -> tuple[str, ...]:
+    """Names of the component's Linear layers whose weight is exactly 128x128 (read from a meta-device build)."""
+    m = models.empty_component(models.get_model(model_name), component, torch.bfloat16)
+    return tuple(n for n, mod in m.named_modules()
+                 if isinstance(mod, torch.nn.Linear) and tuple(mod.weight.shape) == (128, 128))
+
+
+def model_problems(spec: ModelSpec, components: dict[str, str]):
+    """Yield (reason, alternative) for what a backend cannot do with this model's layer shapes."""
+    for comp, value in components.items():
+        if value == "torchao-fp8dq-tensor" and comp in ("transformer", "text_encoder_2"):
+            names = _square_128_linears(spec.name, comp)
+            if names:  # seen on the H200 with flux-tiny (torchao 0.18.0, float8_tensor.py)
+                yield (f"{comp}=torchao-fp8dq-tensor on {spec.name}: torchao takes the per-tensor scale of a 128x128 "
+                       f"weight for 128x128 block scaling and its matmul fails ('input_tensor must be 1x128 "
+                       f"scaled'); {spec.name} has {len(names)} such layers (e.g. {names[0]})"), \
+                    f"{comp}=torchao-fp8dq (per-row scales) or torchao-fp8wo"
+
+
+def check(recipe: Recipe, device: torch.device, spec: ModelSpec | None = None) -> dict:
+    """Refuse what cannot run on this device (and, given ``spec``, with this model's layers), with reason and
+    alternative. Returns dynamo settings to apply."""
     for reason, alt in _unbuilt(recipe):
         raise RecipeError(f"{reason}. Alternative: {alt}")
+    if spec is not None:
+        for reason, alt in model_problems(spec, recipe.components):
+            raise RecipeError(f"{reason}. Alternative: {alt}")
     if device.type == "cuda" and recipe.attention != "native":
         try:
             from diffusers.models.attention_dispatch import _check_attention_backend_requirements
@@ -336,7 +361,7 @@ def load_pipeline(spec: ModelSpec, weights: Weights, recipe: Recipe, device: tor
     kwargs: dict = {"torch_dtype": torch_dtype}
     if pq is not None:
         kwargs["quantization_config"] = pq
-    device_map = pipeline_device_map(recipe, device, configs)
+    device_map = pipeline_device_map(recipe, device, configs, weights)
     if device_map:
         kwargs["device_map"] = device_map
     extra = {}
@@ -395,13 +420,20 @@ class _no_load_progress_bars:
                 lib.enable_progress_bar()
 
 
-def pipeline_device_map(recipe: Recipe, device: torch.device, configs: dict) -> str | None:
+def pipeline_device_map(recipe: Recipe, device: torch.device, configs: dict, weights: Weights | None = None
+                        ) -> str | None:
     """``device_map`` for ``FluxPipeline.from_pretrained``: "cuda" when every component ends up on the GPU
     (no offload strategy) or a quantizer runs on CUDA only (torchao int4 tinygemm packing, fp8 dynamic); each
     weight then lands on the GPU and is quantized there (see ``models.pretrained_load_kwargs``), and an offload
     strategy moves the components out afterwards. diffusers takes only the device type here ("cuda" = the
     current CUDA device). None: load into host memory (offload strategies keep the weights there)."""
     if device.type != "cuda":
+        return None
+    if weights is not None and any((models.saved_quantization(weights, c) or {}).get("quant_method") == "quanto"
+                                   for c in models.COMPONENTS):
+        # a pre-quantized quanto checkpoint with a device_map fails inside diffusers 0.42.1's allocator warm-up
+        # ("Parameter or buffer with name=...weight._data not found", seen on the H200): it loads into host
+        # memory and `models.place` moves the packed weights after
         return None
     resident = all(load_device_for(recipe, device, c).type == "cuda" for c in models.COMPONENTS)
     if resident or any(models.quantizes_on_cuda_only(cfg) for cfg in configs.values()):

@@ -351,7 +351,10 @@ def value_of_saved_config(saved: dict | None) -> str | None:
         qt = saved.get("quant_type")
         t = qt.get("default", qt).get("_type") if isinstance(qt, dict) else None
         gran = qt.get("default", qt).get("_data", {}).get("granularity") if isinstance(qt, dict) else None
-        if t == "Float8DynamicActivationFloat8WeightConfig" and isinstance(gran, dict) and gran.get("_type") == "PerTensor":
+        # the config normalizes granularity to an (activation, weight) pair: serialized as a list of two
+        grans = gran if isinstance(gran, list) else [gran]
+        if t == "Float8DynamicActivationFloat8WeightConfig" and any(
+                isinstance(g, dict) and g.get("_type") == "PerTensor" for g in grans):
             return "torchao-fp8dq-tensor"
         return {"Int8WeightOnlyConfig": "torchao-int8wo", "Int4WeightOnlyConfig": "torchao-int4wo",
                 "Float8WeightOnlyConfig": "torchao-fp8wo", "Float8DynamicActivationFloat8WeightConfig": "torchao-fp8dq",
@@ -744,6 +747,12 @@ def _problems(components: dict[str, str], offload: str, compile: str, device_typ
                    "which leaves Int8Params.SCB (row scales) on the offload device (diffusers 0.42.1 "
                    "hooks/group_offloading.py; from reading the code, not run)"), \
                 f"{comp}=torchao-int8wo with offload={offload}"
+        if v == "torchao-int4wo" and offload in ("group-block", "group-leaf"):
+            yield (f"{comp}=torchao-int4wo with offload={offload}: diffusers 0.42.1 group offload asks each weight "
+                   "is_pinned(), which torchao 0.18.0's Int4TilePackedTo4dTensor does not implement "
+                   "(NotImplementedError, seen on the H200)"), \
+                f"{comp}=torchao-int4wo with offload=model or offload=stream, or {comp}=torchao-int8wo with " \
+                f"offload={offload}"
         if spec.family == "quanto" and offload in ("group-block", "group-leaf"):
             yield (f"{comp}={v} with offload={offload}: quanto weights are wrapper tensor subclasses; diffusers "
                    "0.42.1 group offload moves them with `param.data = ...` (it special-cases only torchao), which "

@@ -87,7 +87,7 @@ def cmd_quantize(args) -> int:
                              f"{args.model} --type {value.removeprefix('gguf-')} --out FILE.gguf`")
     out = check_out_dir(args.out)
     device = measure.resolve_device(args.device)
-    apply.check(recipe, device)
+    apply.check(recipe, device, spec)
     # Saved quantized: diffusers components (transformer, vae) whose backend serializes. Stored bf16 and
     # quantized again on load: layerwise casting (a runtime hook, not a format) and the text encoders --
     # transformers 5 does not recognise in-memory-quantized state dicts (quanto's weight._data/_scale load as

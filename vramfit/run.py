@@ -88,7 +88,7 @@ class Runner:
         self.on_event = on_event or (lambda name, **info: None)
         self.gguf_file = gguf_file
         self.progress = progress
-        self.dynamo = apply.check(recipe, device)  # refusals happen here, before any heavy work
+        self.dynamo = apply.check(recipe, device, spec)  # refusals happen here, before any heavy work
         self.compile_cache = compile_cache.for_runner(self)  # None without compile
         # import the model classes now so that load time is loading, not Python imports (~8 s of a cold start)
         t0 = time.perf_counter()

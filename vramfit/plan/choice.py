@@ -55,14 +55,18 @@ def candidate_recipes(shape: Shape) -> list:
     return out
 
 
-def refusal(recipe, device_type: str = "cuda", gpu: dict | None = None, here: bool = True) -> str | None:
+def refusal(recipe, device_type: str = "cuda", gpu: dict | None = None, here: bool = True,
+            model: str | None = None) -> str | None:
     """Why ``recipe`` cannot run, or None. ``here``: it will run on this machine (its libraries and GPU judge it);
     else it is judged for the named ``gpu``: its compute capability from gpus.json, its libraries assumed
     installed (a GPU machine installs what its recipe needs; this machine's packages say nothing about it)."""
     import torch
 
-    from .. import apply
+    from .. import apply, models
 
+    if model is not None:
+        for reason, alt in apply.model_problems(models.get_model(model), recipe.components):
+            return f"{reason}. Alternative: {alt}"
     if here or device_type != "cuda":
         try:
             apply.check(recipe, torch.device(device_type))
@@ -86,7 +90,7 @@ def _judge(model, r, shape, gpu, budget, ram_gb, max_error, device_type, here, w
     if offload_kind(r) == "stream" and recipe_stream_k(r) is None:
         r = replace(r, offload=f"stream:{stream_k(model, r, shape, budget * GB, gpu)}")
     row = {"recipe": str(r), "status": None, "reason": None, "needs_vram_gb": None, "predicted": None}
-    why = refusal(r, device_type, gpu, here)
+    why = refusal(r, device_type, gpu, here, model)
     if why is None:
         try:
             p = predict(model, r, shape, gpu, weights_kind, cached)

@@ -38,7 +38,7 @@ class Stage:
 
         self.spec, self.weights, self.recipe, self.device, self.gguf_file = spec, weights, recipe, device, gguf_file
         self.components = STAGE_COMPONENTS[self.name]
-        apply.check(recipe, device)  # refusals before any heavy work
+        apply.check(recipe, device, spec)  # refusals before any heavy work
         self.memory = measure.Memory(device)
         self.manifest = apply.Manifest()
         self.pipe = None
