@@ -466,6 +466,9 @@ def _describe(module: torch.nn.Module) -> dict:
     classes = q.quantized_classes(module) if q is not None else {}
     if classes:  # quantized on load (or a pre-quantized checkpoint): say which real classes hold the weights
         d["quantized_classes"] = classes
+    hooked = sum(hasattr(m, "_hf_hook") for m in module.modules())
+    if hooked:  # accelerate hooks a device_map load may leave: Python work on every forward of those modules
+        d["accelerate_hooks"] = hooked
     return d
 
 
