@@ -15,6 +15,10 @@ compared). `code:` rows run the program `vramfit code` prints on the exported ch
 measurement is added from outside (FluxPipeline.__call__ wrapped to time steps with a callback, CUDA memory stats),
 the program itself is unchanged. Only the transformer and T5 carry the backend (GGUF: transformer only).
 
+Environment (for device calls): VRAMFIT_LOADER_ONLY / _SKIP / _DIR_FIRST (see --help); VRAMFIT_LOADER_REUSE=1 reuses
+an export left in --work by an earlier call on the same warm machine, VRAMFIT_LOADER_KEEP=1 leaves it there;
+VRAMFIT_LOADER_CODE_REPEAT=N alternates the code/generate pairs N times (group offload varies ~5 % run to run).
+
 When --budget-s (default 480 s) is spent, no new scenario starts: each one left writes a "not run: time" row.
 Rows: one JSON object per line in $OUT/device_loader.jsonl (`kind`: export | export-gguf | generate | code |
 compare | skipped).
@@ -301,7 +305,8 @@ def main() -> int:
             c = done.get(("code", s["name"], None, "dir"))
             if c and c.get("status") == "ok" and r.get("status") == "ok":
                 compare(rows, c, r, f"{s['name']}: vramfit code program (a) vs vramfit generate (b), --weights DIR")
-    shutil.rmtree(work, ignore_errors=True)
+    if not os.environ.get("VRAMFIT_LOADER_KEEP"):  # keep: a next call on the same warm machine reuses the export
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

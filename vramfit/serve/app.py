@@ -278,33 +278,43 @@ def create_app(engine: Engine, api_key: str | None = None, test_faults: bool = F
                 "size": size_of(job), "warnings": job.warnings, "vramfit": vramfit_info(job)}
         return JSONResponse(resp, headers=headers)
 
+    async def follow(job: Job, poll_s: float):
+        """The job's events as they arrive, ending with its last ("done" or "error"); between polls a
+        {"type": "queued", "position": N} event whenever its place in the queue changes. The one event loop
+        behind both streams (OpenAI's and /v1/jobs/{id}/events)."""
+        seen, last_pos = 0, None
+        while True:
+            with job.cond:
+                evs = job.events[seen:]
+            seen += len(evs)
+            for ev in evs:
+                yield ev
+                if ev["type"] in ("done", "error"):
+                    return
+            pos = engine.position(job)
+            if pos is not None and pos != last_pos and seen:
+                last_pos = pos
+                yield {"type": "queued", "position": pos}
+            await asyncio.sleep(poll_s)
+
     async def openai_stream(job: Job):
         fmt = job.body.output_format
-        seen = 0
         try:
-            while True:
-                with job.cond:
-                    evs = job.events[seen:]
-                seen += len(evs)
-                for ev in evs:
-                    if ev["type"] == "partial":
-                        data = await asyncio.to_thread(encode_image, ev["image"], fmt, job.body.output_compression)
+            async for ev in follow(job, POLL_S):
+                if ev["type"] == "partial":
+                    data = await asyncio.to_thread(encode_image, ev["image"], fmt, job.body.output_compression)
+                    yield {"data": json.dumps({
+                        "type": "image_generation.partial_image", "b64_json": base64.b64encode(data).decode(),
+                        "partial_image_index": ev["index"], "created_at": int(time.time()), "size": size_of(job),
+                        "output_format": fmt, "background": "opaque", "quality": "auto"})}
+                elif ev["type"] == "error":
+                    yield {"data": json.dumps({"type": "error", "error": ev["error"]})}
+                elif ev["type"] == "done":
+                    for d in await encoded(job):
                         yield {"data": json.dumps({
-                            "type": "image_generation.partial_image", "b64_json": base64.b64encode(data).decode(),
-                            "partial_image_index": ev["index"], "created_at": int(time.time()), "size": size_of(job),
-                            "output_format": fmt, "background": "opaque", "quality": "auto"})}
-                    elif ev["type"] == "error":
-                        yield {"data": json.dumps({"type": "error", "error": ev["error"]})}
-                        return
-                    elif ev["type"] == "done":
-                        for d in await encoded(job):
-                            yield {"data": json.dumps({
-                                "type": "image_generation.completed", **d, "created_at": int(time.time()),
-                                "size": size_of(job), "output_format": fmt, "background": "opaque",
-                                "quality": "auto", "warnings": job.warnings,
-                                "vramfit": vramfit_info(job)})}
-                        return
-                await asyncio.sleep(POLL_S)
+                            "type": "image_generation.completed", **d, "created_at": int(time.time()),
+                            "size": size_of(job), "output_format": fmt, "background": "opaque",
+                            "quality": "auto", "warnings": job.warnings, "vramfit": vramfit_info(job)})}
         except asyncio.CancelledError:
             engine.cancel(job)  # the client dropped the stream
             raise
@@ -360,31 +370,17 @@ def create_app(engine: Engine, api_key: str | None = None, test_faults: bool = F
         job = get_job(job_id)
 
         async def gen():
-            seen, last_pos = 0, None
-            while True:
-                with job.cond:
-                    evs = job.events[seen:]
-                seen += len(evs)
-                for ev in evs:
-                    if ev["type"] == "partial":
-                        data = await asyncio.to_thread(encode_image, ev["image"], "png")
-                        yield {"data": json.dumps({"type": "partial", "index": ev["index"], "i": ev["i"],
-                                                   "b64_json": base64.b64encode(data).decode()})}
-                    elif ev["type"] == "done":
-                        await ensure_images(job)
-                        yield {"data": json.dumps({"type": "done", "images": job.image_ids,
-                                                   "warnings": job.warnings, "vramfit": vramfit_info(job)})}
-                        return
-                    elif ev["type"] == "error":
-                        yield {"data": json.dumps(ev)}
-                        return
-                    else:
-                        yield {"data": json.dumps(ev)}
-                pos = engine.position(job)
-                if pos is not None and pos != last_pos and seen:
-                    last_pos = pos
-                    yield {"data": json.dumps({"type": "queued", "position": pos})}
-                await asyncio.sleep(POLL_S * 2)
+            async for ev in follow(job, POLL_S * 2):
+                if ev["type"] == "partial":
+                    data = await asyncio.to_thread(encode_image, ev["image"], "png")
+                    yield {"data": json.dumps({"type": "partial", "index": ev["index"], "i": ev["i"],
+                                               "b64_json": base64.b64encode(data).decode()})}
+                elif ev["type"] == "done":
+                    await ensure_images(job)
+                    yield {"data": json.dumps({"type": "done", "images": job.image_ids,
+                                               "warnings": job.warnings, "vramfit": vramfit_info(job)})}
+                else:  # progress, queued, error
+                    yield {"data": json.dumps(ev)}
 
         return EventSourceResponse(gen(), headers={"x-request-id": job.id}, ping=15)
 
