@@ -90,7 +90,8 @@ def _stream_measured(row: dict, why_not) -> dict:
             "steps": row.get("steps"), "text_tokens": None,
             "peak": m.get("generate_peak_allocated_gb", m.get("peak_allocated_gb")),
             "step": t.get("s_per_step_median") or t["s_per_step"], "total": t["total_s"], "cold": True,
-            "step_kind": "median" if t.get("s_per_step_median") else "mean"}
+            "step_kind": "median" if t.get("s_per_step_median") else "mean",
+            "host": (row.get("host_peak_rss_gb") or m.get("host_peak_rss_gb"), (m.get("after_load") or {}).get("rss_gb"))}
 
 
 def predicted_for(meas: dict, pred: dict, steps: int) -> dict:
@@ -131,8 +132,11 @@ def compare_row(row: dict) -> dict:
     checked = ["peak", "s/step"] + (["total"] if shape.steps >= models.get_model(meas["model"]).default_steps else [])
     ok = all(abs(errs[k]) <= pairs[k][2] for k in checked)
     basis = ("cold" if meas["cold"] else "warm") + (" median" if meas["step_kind"] == "median" else " mean")
-    return {"label": meas["label"], "pairs": pairs, "errs": errs, "ok": ok, "steps": shape.steps, "basis": basis,
-            "checked": checked}
+    out = {"label": meas["label"], "pairs": pairs, "errs": errs, "ok": ok, "steps": shape.steps, "basis": basis,
+           "checked": checked}
+    if meas.get("host"):
+        out["host"] = (pred["peak_host_gb"], *meas["host"])
+    return out
 
 
 
@@ -257,6 +261,14 @@ def check_rows(path: str | list, file=None, out_of_sample: bool = True) -> int:
             tag = "" if what == "in sample" else ("  (refit without it)" if r.get("refit") else "  (not a fitting row)")
             print(f"{r['label'][:36]:<36}{r['steps']:>5} {r['basis']:<12}{_cells(r)}  "
                   f"{'ok' if not bad else 'OUT OF BOUNDS (' + ', '.join(bad) + ')'}{tag}", file=file)
+    hosts = [r for r in ins if r.get("host")]
+    if hosts:
+        print("host RAM GB (shown, not checked: the measured peak includes building the random stand-in and "
+              "quantizing it in host memory; after load is what the run then holds):", file=file)
+        for r in hosts:
+            pred, peak, after = r["host"]
+            print(f"  {r['label'][:36]:<36} predicted {pred:6.1f}  measured peak {peak or float('nan'):6.1f}  "
+                  f"after load {after or float('nan'):6.1f}", file=file)
     for note in notes:
         print("note: " + note, file=file)
     if not ins:
