@@ -275,7 +275,8 @@ def main(argv=None) -> int:
     command = f"device_stream.py {' '.join(argv or sys.argv[1:])} @ {stamp}"
     for sc in todo:
         left = args.budget_s - (time.perf_counter() - t_start)
-        row = {"name": sc["name"], "scenario": sc, "command": command, "smoke": args.smoke}
+        # the schema lets vramfit/calibration/derive.py read the row (rows written before it are known by their fields)
+        row = {"schema": "vramfit.stream/1", "name": sc["name"], "scenario": sc, "command": command, "smoke": args.smoke}
         est = 10 if args.smoke else sc["est_s"]
         if est > left:
             row["skipped"] = f"left out: estimated {est} s, {left:.0f} s of --budget-s left"
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
         print(_line(row), flush=True)
     a, b = done.get("nf4-resident", {}), done.get("nf4-stream-3GB", {})
     if a.get("latents_sha256") and b.get("latents_sha256"):
-        row = {"name": "identity-nf4", "command": command, "smoke": args.smoke,
+        row = {"schema": "vramfit.stream/1", "name": "identity-nf4", "command": command, "smoke": args.smoke,
                "resident": a["latents_sha256"], "stream": b["latents_sha256"],
                "bit_identical": a["latents_sha256"] == b["latents_sha256"]}
         _append(out, row)

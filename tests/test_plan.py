@@ -102,8 +102,8 @@ def dev_4090():
 
 
 def test_more_budget_never_slower(dev_4090):
-    """A larger budget never picks a slower recipe (by the ranking's own time: a recipe resting on an unmeasured
-    factor counts 10 % slower)."""
+    """A larger budget never picks a worse recipe by the ranking's own order: measured before unmeasured, then the
+    time (an unmeasured choice at a small budget may give way to a slower measured one at a larger budget)."""
     shape = plan.Shape(1024, 1024, 28)
     last = None
     for budget in (2.5, 3.5, 5, 8, 12, 16, 24, 40, 80):
@@ -114,8 +114,8 @@ def test_more_budget_never_slower(dev_4090):
             continue
         assert chosen["needs_vram_gb"] <= budget
         pr = chosen["predicted"]
-        t = pr["total_s"] * (plan.UNMEASURED_PENALTY if pr["unmeasured"] else 1)
-        assert last is None or t <= last + 0.01, (budget, t, last)
+        t = (bool(pr["unmeasured"]), pr["total_s"])
+        assert last is None or t[0] < last[0] or (t[0] == last[0] and t[1] <= last[1] + 0.01), (budget, t, last)
         last = t
     assert last is not None
 
@@ -456,7 +456,11 @@ def test_stream_prediction_follows_the_executor_model():
     streamed = sum(lay.stream_blocks) + sum(plan.layout("flux-dev", "text_encoder_2", "bf16").stream_blocks)
     assert bf16[0]["peak_host_gb"] == pytest.approx(plan.calibration()["pipeline"]["host_base_gb"] + streamed / 1e9,
                                                     abs=0.02)
-    assert any("offload=stream" in a for a in bf16[0]["unmeasured"])  # never measured: ranked per rule 8
+    # bf16 streamed link-bound was measured on the H200 (stream-call3.jsonl); nf4 streamed never ran (its 3 GB row
+    # ran out of memory): that one rests on unmeasured stream figures
+    assert not any("offload=stream" in a for a in bf16[0]["unmeasured"])
+    nf4 = plan.predict("flux-dev", _stream("bnb-nf4", 0), shape, h200)
+    assert any("offload=stream" in a for a in nf4["unmeasured"])
 
 
 @pytest.mark.skipif(not hasattr(Recipe, "stream_k"), reason="the recipe grammar has no offload=stream yet")
@@ -469,10 +473,9 @@ def test_plan_resolves_stream_k_and_ranks_unmeasured_after_measured():
         assert plan.rank_key(a) <= plan.rank_key(b)
     measured = [r for r in fits if not r["predicted"]["unmeasured"]]
     unmeasured = [r for r in fits if r["predicted"]["unmeasured"]]
-    if measured and unmeasured:
-        m, u = measured[0], unmeasured[0]
-        if m["predicted"]["total_s"] <= u["predicted"]["total_s"] * plan.UNMEASURED_PENALTY:
-            assert fits.index(m) < fits.index(u)
+    assert measured  # the measured stream rows cover some recipe that fits 4 GB
+    if unmeasured:  # every measured recipe that fits ranks before every unmeasured one
+        assert max(fits.index(m) for m in measured) < min(fits.index(u) for u in unmeasured)
 
 
 def test_horizon_chooses_compile_only_when_it_pays_off(capsys):

@@ -12,7 +12,12 @@ it without one row at a time (leave-one-out). Reads three kinds of rows:
   bf16 rows): warm pipeline overheads, the speed factor and activation peak of every transformer backend measured
   with offload=none (eager and compiled), per backend *family* how its weights move (model offload, group offload
   streams) and how fast it quantizes on load (staged), the expected error of every value (the latent rel. L2
-  against the bf16 reference of the same seed), and offload=stream's link use and per-block cost.
+  against the bf16 reference of the same seed);
+* ``benchmarks/device_stream.py`` rows (``schema: vramfit.stream/1``; the committed rows written before it had a
+  schema are recognised by their fields, see ``is_stream_row``): the pinned link rate (link rows) and
+  offload=stream's link use and per-block cost, with every measured stream row (backend, K, regime, s/step, peak,
+  host RAM) so the planner knows which stream recipes were measured; error / OOM / left-out rows are listed as
+  skipped with their reason.
 
 Fits that depend on the whole model are solved against ``vramfit.plan.predict`` itself (one constant at a time,
 by bisection), so the planner and this script cannot disagree about what a constant means. Nothing is fitted to
@@ -161,25 +166,128 @@ def act_factors(backends, bench, transformer, vae_cal, shape_of):
         backends[value]["act_source"] = f"measured: offload=none peaks ({', '.join(sorted({x for _, x in fs}))})"
 
 
-def stream_fit(rows, predicted, step_target, out) -> None:
-    """offload=stream's link use (fraction of the probe's pinned rate) from measured stream rows, median over rows;
-    without rows the assumed constants stay (and the planner marks stream recipes unmeasured)."""
+# ---- offload=stream rows (benchmarks/device_stream.py)
+STREAM_SCHEMA = "vramfit.stream/1"
+
+
+def is_stream_row(r: dict) -> bool:
+    """A benchmarks/device_stream.py row: the schema it writes from now on, or (the committed rows written before it
+    had one) its fields: a scenario dict and the command line that wrote it."""
+    return r.get("schema") == STREAM_SCHEMA or (isinstance(r.get("scenario"), dict)
+                                                and str(r.get("command", "")).startswith("device_stream.py"))
+
+
+def _why_not(r: dict) -> str | None:
+    """Why a device_stream row measured nothing the stream fit can use (None: it did)."""
+    if r.get("smoke"):
+        return "smoke row (flux-tiny on CPU)"
+    if r.get("skipped"):
+        return str(r["skipped"])
+    if r.get("error"):
+        return str(r["error"]).splitlines()[0][:160]
+    if (r.get("device") or {}).get("type") != "cuda":
+        return "not measured on a GPU"
+    return None
+
+
+def stream_rows(rows: list) -> tuple[list, list, list]:
+    """(pinned link rows, offload=stream run rows, skipped rows) of the device_stream rows among ``rows``, each in
+    one flat shape (the committed rows are read as they are; nothing is rewritten). Runs of other strategies in the
+    same files (offload=none, group-leaf: the stock comparisons) are not stream rows; ``plan --check`` judges them
+    out of sample."""
+    links, runs, skipped = [], [], []
+    for r in rows:
+        if not is_stream_row(r):
+            continue
+        sc = r.get("scenario") or {}
+        name, kind = r.get("name") or sc.get("name"), sc.get("kind")
+        why = _why_not(r) if kind != "link" else (None if isinstance(r.get("registered_gb_s"), (int, float))
+                                                  else _why_not(r) or "no pinned rate measured")
+        if kind == "link":
+            if why or r.get("smoke"):
+                skipped.append({"scenario": name, "file": r.get("_file"), "reason": why or "smoke row"})
+            else:
+                links.append({"scenario": name, "file": r.get("_file"), "pinned_gbps": r["registered_gb_s"],
+                              "pin_memory_gbps": r.get("pin_memory_gb_s"), "pageable_gbps": r.get("pageable_gb_s")})
+            continue
+        if kind not in ("run", "cli"):
+            continue  # tiny-identity and the identity row check bits, not the planner's figures
+        want = str(r.get("recipe") or sc.get("recipe") or "")
+        if why is None and ("timings" not in r or "memory" not in r):
+            why = "no timings / memory in the row"
+        if why is None and offload_kind_of(want) != "stream":
+            continue
+        if why is not None:
+            if "offload=stream" in str(sc.get("recipe", "")) or kind == "cli":
+                skipped.append({"scenario": name, "file": r.get("_file"), "reason": why})
+            continue
+        rc = Recipe.parse(want)
+        comps = (r.get("offload") or {}).get("components") or {}
+        sm = r.get("stream_measured") or {}
+        t, m = r["timings"], r["memory"]
+        runs.append({
+            "scenario": name, "file": r.get("_file"), "recipe": str(rc), "transformer": rc.transformer,
+            "text_encoder_2": rc.text_encoder_2, "k": rc.stream_k, "steps": r.get("steps"),
+            "height": (r.get("size") or [1024, 1024])[0], "width": (r.get("size") or [1024, 1024])[1],
+            "cap_gb": r.get("cap_gb"), "device": (r.get("device") or {}).get("name"),
+            "streamed_blocks": (comps.get("transformer") or {}).get("streamed"),
+            "bytes_streamed_per_step": (r.get("offload") or {}).get("bytes_streamed_per_step"),
+            "s_per_step": t["s_per_step_median"], "peak_gb": m.get("generate_peak_allocated_gb",
+                                                                     m.get("peak_allocated_gb")),
+            "host_peak_gb": r.get("host_peak_rss_gb") or m.get("host_peak_rss_gb"),
+            "host_after_load_gb": (m.get("after_load") or {}).get("rss_gb"),
+            "link_gb_s": (sm.get("transformer") or {}).get("link_gb_s")})
+    return links, runs, skipped
+
+
+def offload_kind_of(recipe_text: str) -> str:
     from ..plan.data import offload_kind
 
-    t = [r for r in rows if offload_kind(Recipe.parse(r["recipe"])) == "stream"]
-    if not t:
-        return
-    sols = []
-    for r in t:
-        key, meas = step_target(r)
+    return offload_kind(Recipe.parse(recipe_text)) if recipe_text else "none"
 
-        def f(x, r=r, key=key):
-            out["stream"]["link_fraction_of_pinned"] = x
-            return predicted(r, key)
-        sols.append(solve(lambda x: -f(x), -meas, 0.05, 2.0))
-    out["stream"]["link_fraction_of_pinned"] = round(statistics.median(sols), 3)
-    out["stream"]["source"] = (f"measured: offload=stream steps ({', '.join(sorted({r['_file'] for r in t}))}; "
-                               f"{len(t)} rows: " + ", ".join(f"{x:.2f}" for x in sols) + "); per-block cost assumed")
+
+def stream_fit(rows, gpu, out) -> None:
+    """offload=stream's constants from the measured device_stream rows (median over rows, nothing fitted to one
+    scenario): the link use is the executor's own copy rate (bytes copied / copy time on its side stream) over the
+    reference probe's pinned rate; the per-block cost (events, rebinding, unhidden copy tails) is solved per row
+    against the planner's step. Each row is stored with the regime the planner puts it in (link- or compute-bound),
+    so the planner marks a stream recipe measured only where its backend and regime were. Without rows the assumed
+    constants stay and the planner marks every stream recipe unmeasured."""
+    from ..plan.latency import compute_step, stream_regime
+
+    links, runs, skipped = stream_rows(rows)
+    st = out["stream"]
+    st["skipped"] = skipped
+    if links:
+        st["pinned_gbps_measured"] = round(statistics.median(x["pinned_gbps"] for x in links), 2)
+        st["pinned_source"] = "measured: cudaHostRegister'd host->GPU copies (" + ", ".join(
+            f"{x['scenario']} {x['pinned_gbps']} GB/s ({x['file']})" for x in links) + ")"
+    if not runs:
+        return
+    ref = out["reference_gpu"]["h2d_pinned_gbps"]
+    rates = [x["link_gb_s"] for x in runs if x["link_gb_s"]]
+    if rates:
+        st["link_fraction_of_pinned"] = round(statistics.median(rates) / ref, 3)
+
+    def shape(x):
+        return plan.Shape(x["height"], x["width"], x["steps"], 1, 512)
+
+    def step_at(x, per_block):
+        st["per_block_s"] = per_block
+        return plan.predict("flux-dev", Recipe.parse(x["recipe"]), shape(x), gpu, "random")["step_s"]
+
+    sols = [solve(lambda v, x=x: step_at(x, v), x["s_per_step"], 1e-7, 0.05) for x in runs]
+    st["per_block_s"] = round(statistics.median(sols), 6)
+    for x in runs:
+        rc = Recipe.parse(x["recipe"])
+        x["regime"] = stream_regime("flux-dev", rc, gpu, compute_step("flux-dev", rc, shape(x), gpu, []))
+    st["rows"] = runs
+    link_note = (f"link use = the executor's measured copy rate (median {statistics.median(rates):.2f} GB/s) / the "
+                 f"probe's pinned {ref} GB/s" if rates else "link use assumed")
+    st["source"] = ("measured: offload=stream rows (" + ", ".join(
+        f"{x['scenario']} {x['transformer']} K={x['k']} {x['s_per_step']} s/step, {x['regime']}-bound, per-block "
+        f"{v * 1e3:.3f} ms" for x, v in zip(runs, sols)) + "; " + ", ".join(sorted({x["file"] for x in runs}))
+        + "); " + link_note)
 
 
 def source_files(cal: dict) -> list:
@@ -525,12 +633,19 @@ def derive(rows, quiet: bool = False) -> dict:
         for fam in FAMILIES:
             offload["quantize_gbps"].setdefault(fam, {"gbps": q0, "source": "assumed"})
 
-        stream_fit(bench + runs, predicted, step_target, out)
+        stream_fit(rows, h200, out)
     finally:
         plan.data._OVERRIDE.remove(out)
+    st = out["stream"]
     out["source"]["summary"] = (f"{len(rows)} rows ({len(runs)} run records, {len(bench)} bench rows ok, "
                                  f"{len(skipped)} bench rows skipped: "
-                                 + ", ".join(f"{r.get('scenario')} ({r.get('exit_reason')})" for r in skipped) + ")")
+                                 + ", ".join(f"{r.get('scenario')} ({r.get('exit_reason')})" for r in skipped)
+                                 + f"; {len(st.get('rows', []))} offload=stream rows, {len(st.get('skipped', []))} "
+                                 "stream rows skipped: "
+                                 + ", ".join(f"{x['scenario']} ({x['reason'][:60]})" for x in st.get("skipped", [])
+                                             if not x["reason"].startswith("left out"))
+                                 + f", {sum(x['reason'].startswith('left out') for x in st.get('skipped', []))} "
+                                 "left out by device_stream's time budget)")
     return out
 
 

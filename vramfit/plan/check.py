@@ -40,6 +40,10 @@ def measured_row(row: dict) -> dict:
       ``role: reference`` rows are bf16 rows like any other (every one is checked: they repeat per shard, and
       their spread is the noise of the measurement). Rows with ``status`` other than ok are skipped.
     """
+    from ..calibration.derive import _why_not, is_stream_row
+
+    if is_stream_row(row):
+        return _stream_measured(row, _why_not)
     if row.get("schema") == BENCH_SCHEMA:
         if row.get("status") != "ok":
             raise _Skip(f"status {row.get('status')} ({row.get('exit_reason')}): {str(row.get('error'))[:80]}")
@@ -66,6 +70,28 @@ def measured_row(row: dict) -> dict:
             "peak": m.get("generate_peak_allocated_gb", m.get("peak_allocated_gb")),
             "step": median or t["s_per_step"], "total": t["total_s"], "cold": row.get("run_index", 1) == 1,
             "step_kind": "median" if median else "mean"}
+
+
+def _stream_measured(row: dict, why_not) -> dict:
+    """A benchmarks/device_stream.py row (offload=stream and the stock comparisons beside it): each scenario is the
+    first generation of a fresh process (cold), s/step = the median step, peak = the generation peak."""
+    kind = (row.get("scenario") or {}).get("kind")
+    if kind not in ("run", "cli"):
+        raise _Skip(f"a {kind or 'summary'} row (no recipe run)")
+    why = why_not(row)
+    if why:
+        raise _Skip(why)
+    if not row.get("timings") or not row.get("memory"):
+        raise _Skip("no timings / memory in the row")
+    t, m = row["timings"], row["memory"]
+    h, w = row.get("size") or [1024, 1024]
+    return {"label": row.get("name") or _short(row["recipe"]), "model": "flux-tiny" if row.get("smoke") else "flux-dev",
+            "recipe": row["recipe"], "device": row.get("device", {}), "weights": "random", "height": h, "width": w,
+            "steps": row.get("steps"), "text_tokens": None,
+            "peak": m.get("generate_peak_allocated_gb", m.get("peak_allocated_gb")),
+            "step": t.get("s_per_step_median") or t["s_per_step"], "total": t["total_s"], "cold": True,
+            "step_kind": "median" if t.get("s_per_step_median") else "mean",
+            "host": (row.get("host_peak_rss_gb") or m.get("host_peak_rss_gb"), (m.get("after_load") or {}).get("rss_gb"))}
 
 
 def predicted_for(meas: dict, pred: dict, steps: int) -> dict:
@@ -106,8 +132,11 @@ def compare_row(row: dict) -> dict:
     checked = ["peak", "s/step"] + (["total"] if shape.steps >= models.get_model(meas["model"]).default_steps else [])
     ok = all(abs(errs[k]) <= pairs[k][2] for k in checked)
     basis = ("cold" if meas["cold"] else "warm") + (" median" if meas["step_kind"] == "median" else " mean")
-    return {"label": meas["label"], "pairs": pairs, "errs": errs, "ok": ok, "steps": shape.steps, "basis": basis,
-            "checked": checked}
+    out = {"label": meas["label"], "pairs": pairs, "errs": errs, "ok": ok, "steps": shape.steps, "basis": basis,
+           "checked": checked}
+    if meas.get("host"):
+        out["host"] = (pred["peak_host_gb"], *meas["host"])
+    return out
 
 
 
@@ -141,6 +170,8 @@ class LeaveOneOut:
         from .data import using_calibration
 
         i = self.index.get(_key(row))
+        if i is not None and self.derive.is_stream_row(row) and not self.derive.stream_rows([row])[1]:
+            i = None  # a device_stream row the fit does not use (stock comparison, resident run): out of sample as is
         if i is None:
             return compare_row(row), False
         rest = [dict(r) for j, r in enumerate(self.rows) if j != i]
@@ -169,7 +200,9 @@ def _read_rows(paths: list) -> tuple[list, list]:
             except json.JSONDecodeError as e:
                 notes.append(f"{where}{n}: not JSON ({e})")
                 continue
-            rows.append((f"{where}{n}", row.get("scenario") or row.get("recipe", f"line {n}"), row))
+            sc = row.get("scenario")  # device_stream rows: a dict, named by "name"
+            label = (row.get("name") or sc.get("name")) if isinstance(sc, dict) else sc
+            rows.append((f"{where}{n}", label or row.get("recipe", f"line {n}"), row))
     return rows, notes
 
 
@@ -228,6 +261,14 @@ def check_rows(path: str | list, file=None, out_of_sample: bool = True) -> int:
             tag = "" if what == "in sample" else ("  (refit without it)" if r.get("refit") else "  (not a fitting row)")
             print(f"{r['label'][:36]:<36}{r['steps']:>5} {r['basis']:<12}{_cells(r)}  "
                   f"{'ok' if not bad else 'OUT OF BOUNDS (' + ', '.join(bad) + ')'}{tag}", file=file)
+    hosts = [r for r in ins if r.get("host")]
+    if hosts:
+        print("host RAM GB (shown, not checked: the measured peak includes building the random stand-in and "
+              "quantizing it in host memory; after load is what the run then holds):", file=file)
+        for r in hosts:
+            pred, peak, after = r["host"]
+            print(f"  {r['label'][:36]:<36} predicted {pred:6.1f}  measured peak {peak or float('nan'):6.1f}  "
+                  f"after load {after or float('nan'):6.1f}", file=file)
     for note in notes:
         print("note: " + note, file=file)
     if not ins:

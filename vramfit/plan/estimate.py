@@ -11,7 +11,8 @@ from .memory import host_gb, stage_peaks, stream_blocks, stream_stage_peaks
 from .weights import layout
 
 # what an assumption says when the factor behind it was never measured on any GPU (ranking rule: such a recipe
-# ranks after measured ones within 10 % of its time); a named profile's scaled rates are not among them
+# ranks after every measured one that fits); a named profile's scaled rates are not among them.
+# UNMEASURED_PENALTY: the 10 % handicap of the earlier rule, kept for callers that still read it
 UNMEASURED_MARKS = ("speed factor", "moves cost their stored bytes", "offload=stream", "quantize-on-load rate")
 UNMEASURED_PENALTY = 1.10
 

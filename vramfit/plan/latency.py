@@ -161,12 +161,44 @@ def offload_times(model: str, recipe, gpu: dict, weights_kind: str, step: float,
     return out
 
 
+def stream_regime(model: str, recipe, gpu: dict, step: float) -> str:
+    """Which term bounds offload=stream's step given the resident ``step`` (``compute_step``): 'link' (streamed
+    bytes / link > step), 'compute', or 'resident' (no transformer block streams: K covers them all)."""
+    _, blocks = stream_split(model, recipe, resolved_k(model, recipe))["transformer"]
+    if not blocks:
+        return "resident"
+    link = gpu["h2d_pinned_gbps"] * stream_constants()["link_fraction_of_pinned"] * GB
+    return "link" if sum(blocks) / link > step else "compute"
+
+
+def stream_unmeasured(model: str, recipe, gpu: dict, step: float) -> str | None:
+    """Why an offload=stream prediction rests on figures never measured (None: a measured stream row covers it):
+    the transformer's value must have been streamed in the same regime (link- or compute-bound; 'resident' needs
+    none), and T5's value streamed at all (T5 always streams)."""
+    sc = stream_constants()
+    rows = sc.get("rows") or []
+    if not rows:
+        return "offload=stream link use and per-block cost (not measured yet)"
+    regime = stream_regime(model, recipe, gpu, step)
+    tr_ok = regime == "resident" or any(r["transformer"] == recipe.transformer and r["regime"] == regime
+                                        for r in rows)
+    t5_ok = any(r["text_encoder_2"] == recipe.text_encoder_2 for r in rows)
+    if tr_ok and t5_ok:
+        return None
+    what = [f"transformer={recipe.transformer} {regime}-bound"] if not tr_ok else []
+    what += [f"text_encoder_2={recipe.text_encoder_2}"] if not t5_ok else []
+    seen = sorted({f"{r['transformer']} {r['regime']}-bound" for r in rows})
+    return f"offload=stream with {' and '.join(what)} streamed (never measured; measured: {', '.join(seen)})"
+
+
 def stream_times(model: str, recipe, gpu: dict, step: float, t: dict, assumed: list) -> dict:
     """offload=stream: packed block bytes move from pinned memory on a side stream, prefetched while the
-    previous block computes, so a step costs max(compute, streamed bytes / link) + a small cost per block."""
+    previous block computes, so a step costs max(compute, streamed bytes / link) + a small cost per block
+    (link use and per-block cost measured from the H200 stream rows where there are any)."""
     sc = stream_constants()
-    if sc.get("source", "assumed").startswith("assumed"):
-        assumed.append("offload=stream link use and per-block cost (not measured yet)")
+    why = stream_unmeasured(model, recipe, gpu, step)
+    if why:
+        assumed.append(why)
     link = gpu["h2d_pinned_gbps"] * sc["link_fraction_of_pinned"] * GB
     split = stream_split(model, recipe, resolved_k(model, recipe))
     _, tr_blocks = split["transformer"]

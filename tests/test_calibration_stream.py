@@ -1,0 +1,117 @@
+"""offload=stream in the calibration: benchmarks/device_stream.py rows read by the derivation (committed rows without
+a schema and new rows with ``vramfit.stream/1``), error rows skipped with their reason, stream recipes marked
+measured only where a row measured their backend and regime, and ``plan --check`` leave-one-out refits that leave
+the judged stream row out (CPU only; synthetic copies of the committed rows in tmp dirs; no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from vramfit import plan
+from vramfit.calibration import derive
+from vramfit.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+H200 = ROOT / "benchmarks" / "results"
+FIT_FILES = sorted(str(p) for p in (H200 / "2026-11-21-h200").glob("*.jsonl"))  # everything but the stream rows
+STREAM = H200 / "2026-12-01-h200" / "stream-call3.jsonl"
+
+
+def _committed():
+    rows = [json.loads(x) for x in STREAM.read_text().splitlines() if x.strip()]
+    return {r["name"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A calibration derived from the 2026-11-21 rows plus a tmp stream file: the committed link row, the bf16
+    stream:0 row as committed (no schema), the int8 K=11 row rewritten the new way (schema, no command line), and
+    an OOM row."""
+    c = _committed()
+    int8 = {k: v for k, v in c["sweep-int8-8GB"].items() if k != "command"}
+    int8["schema"] = derive.STREAM_SCHEMA
+    oom = {"name": "nf4-stream-3GB", "scenario": {"name": "nf4-stream-3GB", "kind": "run",
+                                                  "recipe": "transformer=bnb-nf4,offload=stream"},
+           "command": "device_stream.py --budget-s 1", "smoke": False,
+           "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 512.00 MiB."}
+    f = tmp_path_factory.mktemp("stream") / "stream.jsonl"
+    rows = [c["link"], c["bf16-stream-k0"], int8, oom, c["stock-bf16-group-leaf"]]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = FIT_FILES + [str(f)]
+    return {"cal": derive.derive(derive.read(files)), "files": files, "rows": rows}
+
+
+def test_stream_rows_are_read_and_error_rows_skipped_with_their_reason(fitted):
+    st = fitted["cal"]["stream"]
+    assert [(r["scenario"], r["transformer"], r["k"], r["regime"]) for r in st["rows"]] == [
+        ("bf16-stream-k0", "bf16", 0, "link"), ("sweep-int8-8GB", "torchao-int8wo", 11, "compute")]
+    assert st["source"].startswith("measured")
+    assert st["pinned_gbps_measured"] == fitted["rows"][0]["registered_gb_s"]
+    (skip,) = st["skipped"]  # the OOM row; the stock group-leaf row is not a stream row
+    assert skip["scenario"] == "nf4-stream-3GB" and skip["reason"].startswith("OutOfMemoryError")
+    assert "nf4-stream-3GB (OutOfMemoryError" in fitted["cal"]["source"]["summary"]
+    # the link use is the executor's own measured copy rate over the probe's pinned rate
+    rates = [r["stream_measured"]["transformer"]["link_gb_s"] for r in fitted["rows"][1:3]]
+    ref = fitted["cal"]["reference_gpu"]["h2d_pinned_gbps"]
+    assert st["link_fraction_of_pinned"] == pytest.approx(statistics.median(rates) / ref, abs=1e-3)
+
+
+def test_measured_backend_and_regime_marked_measured_the_rest_assumed(fitted):
+    h200, shape = plan.gpu_profile("h200"), plan.Shape()
+    with plan.using_calibration(fitted["cal"]):
+        bf16 = plan.predict("flux-dev", Recipe.parse("offload=stream:0"), shape, h200)
+        nf4 = plan.predict("flux-dev", Recipe.parse("transformer=bnb-nf4,text_encoder_2=bnb-nf4,offload=stream:0"),
+                           shape, h200)
+    assert not [a for a in bf16["unmeasured"] if "offload=stream" in a]
+    assert any("transformer=bnb-nf4" in a and "never measured" in a for a in nf4["unmeasured"])
+    # without stream rows every stream recipe rests on the assumed constants
+    bare = {**fitted["cal"], "stream": dict(plan.data.STREAM_ASSUMED)}
+    with plan.using_calibration(bare):
+        p = plan.predict("flux-dev", Recipe.parse("offload=stream:0"), shape, h200)
+    assert any("not measured yet" in a for a in p["unmeasured"])
+
+
+def test_k_for_a_budget_and_the_step_come_from_the_measured_figures(fitted):
+    """The measured int8 row ran K=11 under an 8 GB cap and held it; the planner gives that K for 8 GB, and its
+    step at that K is max(compute, streamed bytes / measured link) + the measured per-block cost x blocks."""
+    h200 = plan.gpu_profile("h200")
+    st = fitted["cal"]["stream"]
+    row = next(r for r in st["rows"] if r["k"] == 11)
+    r = Recipe.parse(row["recipe"])
+    shape = plan.Shape(row["height"], row["width"], row["steps"])
+    with plan.using_calibration(fitted["cal"]):
+        k = plan.stream_k("flux-dev", r, shape, row["cap_gb"] * 1e9)
+        assert k == row["k"] and plan.fits_gb(plan.predict("flux-dev", r, shape, h200)["peak_vram_gb"]) <= row["cap_gb"]
+        _, blocks = plan.stream_split("flux-dev", r, k)["transformer"]
+        assert len(blocks) == row["streamed_blocks"]
+        compute = plan.latency.compute_step("flux-dev", r, shape, h200, [])
+        link = h200["h2d_pinned_gbps"] * st["link_fraction_of_pinned"] * 1e9
+        step = plan.predict("flux-dev", r, shape, h200)["step_s"]
+    assert step == pytest.approx(max(compute, sum(blocks) / link) + st["per_block_s"] * len(blocks), abs=1e-4)
+
+
+def test_check_out_of_sample_leaves_the_judged_stream_row_out(fitted, monkeypatch):
+    loo = plan.LeaveOneOut()
+    loo.files, loo.rows = fitted["files"], derive.read(fitted["files"])
+    loo.index = {plan.check._key(r): i for i, r in enumerate(loo.rows)}
+    seen = []
+    real = derive.derive
+
+    def spy(rows, quiet=False):
+        seen.append([r.get("name") for r in rows if derive.is_stream_row(r)])
+        return real(rows, quiet=quiet)
+
+    monkeypatch.setattr(loo.derive, "derive", spy)
+    bf16, stock = fitted["rows"][1], fitted["rows"][4]
+    with plan.using_calibration(fitted["cal"]):
+        inside = plan.compare_row(bf16)
+    out, refit = loo.compare(bf16)
+    assert refit and seen == [["link", "sweep-int8-8GB", "nf4-stream-3GB", "stock-bf16-group-leaf"]]
+    assert out["pairs"]["s/step"][1] == inside["pairs"]["s/step"][1]  # the same measurement ...
+    assert out["pairs"]["s/step"][0] != inside["pairs"]["s/step"][0]  # ... predicted without its own row
+    res, refit = loo.compare(stock)  # a stock comparison in a stream file: not a fitting row, no refit
+    assert not refit and len(seen) == 1 and res["label"] == "stock-bf16-group-leaf"
