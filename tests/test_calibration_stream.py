@@ -85,7 +85,9 @@ def test_k_for_a_budget_and_the_step_come_from_the_measured_figures(fitted):
     shape = plan.Shape(row["height"], row["width"], row["steps"])
     with plan.using_calibration(fitted["cal"]):
         k = plan.stream_k("flux-dev", r, shape, row["cap_gb"] * 1e9)
-        assert k == row["k"] and plan.fits_gb(plan.predict("flux-dev", r, shape, h200)["peak_vram_gb"]) <= row["cap_gb"]
+        # the row ran on the random stand-in (quantized block by block: no checkpoint load peak)
+        pred = plan.predict("flux-dev", r, shape, h200, weights_kind="random")
+        assert k == row["k"] and plan.fits_gb(pred["peak_vram_gb"]) <= row["cap_gb"]
         _, blocks = plan.stream_split("flux-dev", r, k)["transformer"]
         assert len(blocks) == row["streamed_blocks"]
         compute = plan.latency.compute_step("flux-dev", r, shape, h200, [])

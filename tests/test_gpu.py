@@ -141,10 +141,22 @@ def run_cell(ck: Checkpoints, value: str, offload: str, source: str, device: tor
         if offload in ("staged", "stream"):  # component by component (each placed where its stage/executor wants)
             loads = {s["component"]: s for s in steps if s["step"] == "load"}
             for c in recipe.quantized():
+                if offload == "stream" and c == "transformer":  # bf16 into host memory, quantized per block
+                    [qs] = [s for s in steps if s["step"] == "quantize" and s["component"] == c]
+                    assert "quantize_streamed" in qs["api"] and qs["quantized_modules"], qs
+                    continue
                 assert "quantization_config=" in loads[c]["api"] and loads[c].get("quantized_classes"), loads[c]
         else:
             [pq] = [s for s in steps if s["step"] == "pipeline-quantization"]
             assert pq["verified"] and set(pq["configs"]) == set(recipe.quantized())
+    if offload == "stream" and device.type == "cuda":
+        from vramfit import stream
+
+        on_gpu = [c for c, v in recipe.quantized().items()  # T5 quantized on load on the GPU, then parked
+                  if c == "text_encoder_2" and stream.load_device(v, device, c).type == "cuda"]
+        if weights.kind == "dir" and not gguf_file:  # quantize-on-load: blocks parked before the next component
+            parked = {s["component"] for s in steps if s["step"] == "stream-park"}
+            assert set(on_gpu) <= parked, (on_gpu, parked)
     quantized_somewhere = [s for s in steps if s.get("quantized_classes") or (s["step"] == "quantize"
                                                                                 and s.get("quantized_modules"))]
     assert quantized_somewhere, "no quantized layers recorded"

@@ -821,6 +821,19 @@ def _block_skip(skip: list, path: str) -> list:
     return out
 
 
+def park_blocks(module: torch.nn.Module, component: str) -> int:
+    """Move a loaded component's streamed blocks to host memory (packed bytes as they are), leaving the rest where
+    it is: what ``quantize_streamed`` leaves, for a component that quantize-on-load brought whole onto the GPU.
+    Called right after that component loads, so the next one does not load beside it. Returns the bytes moved."""
+    host = torch.device("cpu")
+    moved = 0
+    for lname in BLOCK_LISTS[component]:
+        for i, block in enumerate(module.get_submodule(lname)):
+            moved += _to_device(block, host, set())
+            check_bnb4_states(block, f"{component}.{lname}.{i}")
+    return moved
+
+
 def quantize_streamed(module: torch.nn.Module, component: str, value: str, device) -> dict:
     """``quant.quantize_component`` one block at a time on ``device``, each block moved to host memory right after;
     then the rest of the component (blocks set aside) on the device. Each linear is quantized by the same library

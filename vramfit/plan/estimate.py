@@ -7,7 +7,8 @@ from dataclasses import replace
 
 from .data import COMPONENTS, GB, Shape, calibration, offload_kind
 from .latency import cold_start, compute_step, offload_times, stage_compute
-from .memory import host_gb, stage_peaks, stream_blocks, stream_stage_peaks
+from .memory import (host_gb, resolved_k, stage_peaks, stream_blocks, stream_load_peak_gb,
+                     stream_stage_peaks)
 from .weights import layout
 
 # what an assumption says when the factor behind it was never measured on any GPU (ranking rule: such a recipe
@@ -24,6 +25,10 @@ def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hu
     c = calibration()
     assumed: list[str] = list(gpu.get("assumed", []))
     stage_peak = stage_peaks(model, recipe, shape)
+    if offload_kind(recipe) == "stream" and weights_kind in ("hub", "dir"):
+        load = stream_load_peak_gb(model, recipe, resolved_k(model, recipe))
+        if load:  # quantize-on-load brings a whole quantized component onto the GPU before its blocks move out
+            stage_peak["load"] = load
     step = compute_step(model, recipe, shape, gpu, assumed)
     moves = offload_times(model, recipe, gpu, weights_kind, step, stage_compute(model, recipe, shape, gpu), assumed)
     pl = c["pipeline"]

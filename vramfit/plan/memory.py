@@ -102,6 +102,25 @@ def stream_stage_peaks(model: str, recipe, shape: Shape, k: int) -> dict[str, fl
             "decode": resident / GB + act["vae"]}
 
 
+def stream_load_peak_gb(model: str, recipe, k: int) -> float:
+    """GB on the GPU while loading ``--weights hub|DIR`` under offload=stream: T5 quantized by a backend that
+    quantizes on the GPU (bitsandbytes, torchao, quanto: ``stream.load_device``) arrives whole there by
+    quantize-on-load (transformers' path); its blocks then move to host memory (``stream.park_blocks``) before the
+    transformer loads, which is quantized block by block (``apply._load_transformer_streamed``). So the load peak is
+    everything resident + T5's streamed blocks. 0 when T5 loads into host memory (bf16, fp8 layerwise) -- and
+    always for the random stand-in, quantized block by block."""
+    from .. import stream
+
+    split = stream_split(model, recipe, k)
+    on_gpu = [sum(bl) for c, (_, bl) in split.items()
+              if c != "transformer" and stream.load_device(getattr(recipe, c), "cuda", c).type == "cuda"]
+    if not on_gpu:
+        return 0.0
+    resident = sum(r for r, _ in split.values()) + sum(layout(model, c, getattr(recipe, c)).total
+                                                        for c in COMPONENTS if c not in split)
+    return (resident + max(on_gpu)) / GB
+
+
 def resolved_k(model: str, recipe) -> int:
     """K of the recipe (offload=stream alone means 0 here: the planner resolves it from a budget first)."""
     k = stream_k(recipe)
