@@ -224,6 +224,21 @@ def test_loading_matrix_gpu(gpu_checkpoints, summary, value, offload, source):
     record(value, offload, source, lambda: run_cell(gpu_checkpoints, value, offload, source, torch.device("cuda")))
 
 
+@gpu
+def test_loading_matrix_every_offload_gives_the_same_latents(summary):
+    """After the matrix cells (pytest runs them first, in file order): per backend value and source, every offload
+    strategy that ran produced the same latents (sha256) -- offloading moves weights, it must not change a bit.
+    Seen on the H200 on 2026-12-01 for the 18 groups that ran (benchmarks/results/2026-12-01-h200/)."""
+    groups: dict = {}
+    for r in RESULTS.values():
+        if r["ok"]:
+            groups.setdefault((r["value"], r["source"]), {})[r["offload"]] = r["sha"]
+    if not groups:
+        pytest.skip("no matrix cell ran")
+    differ = {k: v for k, v in groups.items() if len(set(v.values())) > 1}
+    assert not differ, differ
+
+
 CPU_CELLS = [("torchao-int8wo", "none", "dir"), ("quanto-int8", "staged", "dir"), ("fp8-layerwise", "none", "saved"),
              ("torchao-int8wo", "staged", "saved"), ("gguf-q8_0", "none", "saved"), ("quanto-int8", "stream", "dir")]
 
