@@ -5,6 +5,8 @@ the judged stream row out (CPU only; synthetic copies of the committed rows in t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import statistics
 from pathlib import Path
@@ -81,7 +83,8 @@ def test_k_for_a_budget_and_the_step_come_from_the_measured_figures(fitted):
     h200 = plan.gpu_profile("h200")
     st = fitted["cal"]["stream"]
     row = next(r for r in st["rows"] if r["k"] == 11)
-    r = Recipe.parse(row["recipe"])
+    # the run predates real tiling at 1024x1024 (BENCHMARKS.md 7d): its "vae_decode=tiling" decoded in one piece
+    r = replace(Recipe.parse(row["recipe"]), vae_decode="none")
     shape = plan.Shape(row["height"], row["width"], row["steps"])
     with plan.using_calibration(fitted["cal"]):
         k = plan.stream_k("flux-dev", r, shape, row["cap_gb"] * 1e9)

@@ -75,9 +75,10 @@ def test_serve_plan_mode_from_the_budget():
     spec = models.get_model("flux-dev")
     w = models.resolve_weights(spec, "random")
     cuda = torch.device("cuda")  # planning only: nothing is placed on it
-    recipes, mode, rec, _ = serve_plan(_args(vram="12GB", gpu="h200"), spec, w, cuda)
+    # 8 GB cannot hold three worker processes with every stage resident: stage batches
+    recipes, mode, rec, _ = serve_plan(_args(vram="8GB", gpu="h200"), spec, w, cuda)
     assert mode == "stage-batch" and recipes[0].offload == "staged" and recipes[0].compile == "off"
-    assert rec["predicted"]["peak_vram_gb"] <= 12
+    assert rec["predicted"]["peak_vram_gb"] <= 8
     assert all(r.offload == "staged" for r in recipes)  # fallbacks keep the worker layout
     recipes, mode, rec, _ = serve_plan(_args(vram="80GB", gpu="h200"), spec, w, cuda)
     assert mode == "pipelined" and recipes[0].offload == "none" and rec["max_batch"] >= 1

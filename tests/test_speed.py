@@ -47,6 +47,29 @@ def test_vae_decode_mode_is_checked(tiny, monkeypatch):
         generate(tiny, "vae=tiling")
 
 
+def test_tiling_really_splits_an_image_of_the_vaes_native_size(tiny, monkeypatch):
+    # diffusers' default tile is the VAE's native size (FLUX: 1024 px), so enable_tiling() alone never splits a
+    # 1024x1024 image: the decode kept its full ~2.5 GB of activations (the H200's 3 GB stream run ran out there)
+    from diffusers import AutoencoderKL
+
+    native = models.get_model("flux-tiny").config("vae")["sample_size"]  # 128
+    calls = []
+    real = AutoencoderKL.tiled_decode
+    monkeypatch.setattr(AutoencoderKL, "tiled_decode", lambda self, z, *a, **k: calls.append(z.shape) or real(
+        self, z, *a, **k))
+    _, plain = generate(tiny, "vae_decode=none", size=native)
+    assert not calls
+    _, res = generate(tiny, "vae_decode=tiling", size=native)
+    assert calls, "a native-size image was decoded in one piece"
+    (entry,) = steps_of(res, "vae")
+    assert entry["tile_px"] == native // 2 and entry["native_px"] == native
+    # tiles blend at their seams, so the pixels change (how much depends on the weights: random here)
+    import numpy as np
+
+    a, b = (np.asarray(r.image) for r in (plain, res))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
 def test_attention_backend_is_checked(tiny, monkeypatch):
     _, res = generate(tiny, "attention=_native_math")
     (entry,) = steps_of(res, "attention")
@@ -270,3 +293,17 @@ def test_warmup_writes_a_cache_a_second_process_hits(tmp_path):
     second = warmup("s2")
     assert second["key"] == first["key"] and second["status"] == "hit" and second["saved"] is False
     assert second["inductor_cache"]["fxgraph_cache_hit"] > 0 and second["inductor_cache"]["fxgraph_cache_miss"] == 0
+
+
+def test_an_attention_backend_does_not_leak_into_later_runs(tiny):
+    # diffusers' set_attention_backend also sets the process-wide default backend: a later attention=native run
+    # in the same process computed with it (found: in-process images differed from a fresh process's)
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    _, ref = generate(tiny, "bf16")
+    runner, _ = generate(tiny, "attention=_native_math")
+    assert set(runtime.attention_backends(runner.pipe.transformer).values()) == {"_native_math"}
+    assert _AttentionBackendRegistry._active_backend == before
+    _, after = generate(tiny, "bf16")
+    assert torch.equal(ref.latents, after.latents)

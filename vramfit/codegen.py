@@ -202,7 +202,7 @@ def generate_code(spec, weights, recipe, req, device, form: str = "mapping", ima
             raise RecipeError(f"{comp}={value}: no from_pretrained config and no post-load call to print")
 
     _offload(c, recipe, offload, dev, device)
-    _runtime(c, recipe, vae_decode, compile_scope)
+    _runtime(c, spec, recipe, vae_decode, compile_scope)
 
     c.add("", "image = pipe(",
           f"    prompt={req.prompt!r},",
@@ -253,9 +253,16 @@ def _offload(c: _Code, recipe, offload: str, dev: str, device) -> None:
                           "or offload=group-block")
 
 
-def _runtime(c: _Code, recipe, vae_decode: str, compile_scope: str) -> None:
+def _runtime(c: _Code, spec, recipe, vae_decode: str, compile_scope: str) -> None:
     if vae_decode == "tiling":
-        c.add("pipe.vae.enable_tiling()")
+        from .runtime import vae_tile_px
+
+        native = spec.config("vae")["sample_size"]
+        down = 2 ** (len(spec.config("vae")["block_out_channels"]) - 1)
+        tile = vae_tile_px(native)
+        c.add("pipe.vae.enable_tiling()",
+              f"# tiles of {tile} px: diffusers' default tile ({native} px) would not split a {native}x{native} image",
+              f"pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = {tile}, {tile // down}")
     elif vae_decode == "slicing":
         c.add("pipe.vae.enable_slicing()")
     if recipe.attention != "native":

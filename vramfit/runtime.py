@@ -150,6 +150,23 @@ def fuse_qkv(transformer, manifest) -> None:
                  dropped_unfused_layers=dropped, verified=True)
 
 
+def vae_tile_px(native: int) -> int:
+    """The tile vae_decode=tiling decodes with: half the VAE's native size. diffusers' default tile is the native
+    size (1024 px for FLUX), so an image of that size or smaller is never split and `enable_tiling()` alone saves
+    nothing at 1024x1024 (the decode still needs ~2.5 GB of activations: the 3 GB stream run of 2026-12-01 ran out
+    of memory there)."""
+    return max(native // 2, 8)
+
+
+def set_vae_tiles(vae) -> dict:
+    """Tiles of ``vae_tile_px`` for a tiled decode (and encode); the latent tile follows the VAE's downscale."""
+    native = int(vae.config.sample_size)
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    tile = vae_tile_px(native)
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // down
+    return {"tile_px": tile, "tile_latent": tile // down, "native_px": native}
+
+
 def apply(pipe, recipe, manifest, loaded: dict) -> None:
     """Apply the runtime options to whichever components are loaded (staged runs: one stage's)."""
     vae = loaded.get("vae")
@@ -159,7 +176,12 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
         attr = "use_tiling" if mode == "tiling" else "use_slicing"
         if not getattr(vae, attr, False):
             raise NotApplied(f"vae_decode={mode}: vae.enable_{mode}() ran but vae.{attr} is {getattr(vae, attr, None)}")
-        manifest.add("vae", mode=mode, api=f"vae.enable_{mode}()", check=f"vae.{attr} is True", verified=True)
+        extra = {}
+        if mode == "tiling":
+            extra = set_vae_tiles(vae)
+        manifest.add("vae", mode=mode, api=f"vae.enable_{mode}()" + (
+            f"; vae.tile_sample_min_size = {extra['tile_px']}; vae.tile_latent_min_size = {extra['tile_latent']}"
+            if extra else ""), check=f"vae.{attr} is True", verified=True, **extra)
     if vae is not None and on(recipe, "compile_vae", "off"):
         vae.decoder.compile(fullgraph=True)  # in place: decode() calls the decoder module, wrapped or not
         if getattr(vae.decoder, "_compiled_call_impl", None) is None:
@@ -178,7 +200,15 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
     if tr is None:
         return
     if recipe.attention != "native":
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        before = _AttentionBackendRegistry._active_backend
         tr.set_attention_backend(recipe.attention)
+        # diffusers 0.42 also makes the backend the process-wide default for every model built later (its
+        # processors set to None follow it): a later run in this process with attention=native -- a test, a bench
+        # scenario, another stage -- then computed with this backend. This model's processors hold the backend
+        # explicitly, so the default goes back.
+        _AttentionBackendRegistry.set_active_backend(before)
         got = attention_backends(tr)
         wrong = {k: v for k, v in got.items() if v != recipe.attention}
         if not got or wrong:

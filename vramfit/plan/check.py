@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import sys
 from pathlib import Path
@@ -105,6 +107,23 @@ def predicted_for(meas: dict, pred: dict, steps: int) -> dict:
     return {"peak": pred["peak_vram_gb"], "s/step": step, "total": pred["warm_s"] + cold}
 
 
+def as_ran(row: dict, recipe, meas: dict):
+    """The recipe as the row's run really executed it. Before 2026-12-01 (session 4), ``vae_decode=tiling`` used
+    diffusers' default tile, the VAE's native size, so an image no larger than that was decoded in one piece; such a
+    run's manifest has no ``tile_px`` in its vae step, and it is predicted as ``vae_decode=none``."""
+    from .. import models
+
+    if getattr(recipe, "vae_decode", "none") != "tiling":
+        return recipe
+    vae_steps = [s for s in row.get("manifest") or [] if isinstance(s, dict) and s.get("step") == "vae"]
+    if any("tile_px" in s for s in vae_steps):
+        return recipe
+    native = models.get_model(meas["model"]).config("vae").get("sample_size", 1024)
+    if max(meas["height"], meas["width"]) <= native:
+        return replace(recipe, vae_decode="none")
+    return recipe
+
+
 def compare_row(row: dict) -> dict:
     """One measured row against its prediction: {label, pairs: {what: (predicted, measured, tolerance)}, errs,
     ok, steps, basis}. Raises _Skip for rows without a comparable measurement."""
@@ -119,7 +138,8 @@ def compare_row(row: dict) -> dict:
     try:
         tokens = meas["text_tokens"] or models.get_model(meas["model"]).max_sequence_length
         shape = Shape(meas["height"], meas["width"], meas["steps"], 1, tokens)
-        pred = predict(meas["model"], Recipe.parse(meas["recipe"]), shape, _realize(g), meas["weights"])
+        pred = predict(meas["model"], as_ran(row, Recipe.parse(meas["recipe"]), meas), shape, _realize(g),
+                       meas["weights"])
     except (RecipeError, InputError) as e:
         raise _Skip(f"cannot predict ({e})")
     p = predicted_for(meas, pred, shape.steps)

@@ -40,7 +40,11 @@ def t5_values(tr: str) -> tuple[str, ...]:
 def candidate_recipes(shape: Shape) -> list:
     from ..recipe import Recipe
 
-    vae_modes = ("none", "tiling") if max(shape.height, shape.width) > 1024 else ("none",)
+    from ..runtime import vae_tile_px
+
+    # tiling splits what is larger than its tile (half the VAE's native size: 512 px for FLUX)
+    tile = vae_tile_px(calibration()["vae"]["tile_px"])
+    vae_modes = ("none", "tiling") if max(shape.height, shape.width) > tile else ("none",)
     field = "vae_decode" if "vae_decode" in Recipe.__dataclass_fields__ else "vae_mode"
     # offload=stream only where the recipe grammar has it (a planned recipe must parse and run)
     offloads = [oc for oc in OFFLOAD_COMPILE if oc[0] != "stream" or hasattr(Recipe, "stream_k")]

@@ -98,7 +98,9 @@ def stage_compute(model: str, recipe, shape: Shape, gpu: dict) -> dict[str, floa
         t5_s *= be5["factor"]["eager"] * gpu["tflops"]["bf16"] / gpu["tflops"][be5["compute"]]
     clip_s = c["text_encoder"]["s"] * shape.batch * speed
     vae = c["vae"]
-    tile = _config(model, "vae").get("sample_size", vae["tile_px"])
+    from ..runtime import vae_tile_px
+
+    tile = vae_tile_px(_config(model, "vae").get("sample_size", vae["tile_px"]))  # the tile vae_decode=tiling uses
     vae_s = vae["s_per_mpix"] * shape.mpix * shape.batch * speed
     from .data import vae_decode
 

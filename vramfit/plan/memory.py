@@ -27,7 +27,9 @@ def activations_gb(model: str, recipe, shape: Shape) -> dict[str, float]:
     a_tr *= c["backends"].get(recipe.transformer, {}).get("act_factor", 1.0)
     a_t5 = shape.batch * t5["act_gb_per_token"] * shape.text_tokens * _scale(model, "text_encoder_2", "d_model", t5["width"])
     a_clip = shape.batch * clip["act_gb"] * _scale(model, "text_encoder", "hidden_size", clip["width"])
-    tile = _config(model, "vae").get("sample_size", vae["tile_px"])
+    from ..runtime import vae_tile_px
+
+    tile = vae_tile_px(_config(model, "vae").get("sample_size", vae["tile_px"]))  # the tile vae_decode=tiling uses
     vs = _scale(model, "vae", "", vae["width"])
     mode = vae_decode(recipe)
     if mode == "tiling" and max(shape.height, shape.width) > tile:
