@@ -102,8 +102,8 @@ def dev_4090():
 
 
 def test_more_budget_never_slower(dev_4090):
-    """A larger budget never picks a worse recipe by the ranking's own order: measured before unmeasured, then the
-    time (an unmeasured choice at a small budget may give way to a slower measured one at a larger budget)."""
+    """A larger budget never picks a slower recipe (by the ranking's own time: a recipe resting on an unmeasured
+    factor counts 10 % slower)."""
     shape = plan.Shape(1024, 1024, 28)
     last = None
     for budget in (2.5, 3.5, 5, 8, 12, 16, 24, 40, 80):
@@ -114,8 +114,8 @@ def test_more_budget_never_slower(dev_4090):
             continue
         assert chosen["needs_vram_gb"] <= budget
         pr = chosen["predicted"]
-        t = (bool(pr["unmeasured"]), pr["total_s"])
-        assert last is None or t[0] < last[0] or (t[0] == last[0] and t[1] <= last[1] + 0.01), (budget, t, last)
+        t = pr["total_s"] * (plan.UNMEASURED_PENALTY if pr["unmeasured"] else 1)
+        assert last is None or t <= last + 0.01, (budget, t, last)
         last = t
     assert last is not None
 
@@ -474,8 +474,11 @@ def test_plan_resolves_stream_k_and_ranks_unmeasured_after_measured():
     measured = [r for r in fits if not r["predicted"]["unmeasured"]]
     unmeasured = [r for r in fits if r["predicted"]["unmeasured"]]
     assert measured  # the measured stream rows cover some recipe that fits 4 GB
-    if unmeasured:  # every measured recipe that fits ranks before every unmeasured one
-        assert max(fits.index(m) for m in measured) < min(fits.index(u) for u in unmeasured)
+    # DESIGN's rule: an unmeasured recipe ranks after every measured one within 10 % of its time
+    for u in unmeasured:
+        for m in measured:
+            if m["predicted"]["total_s"] <= u["predicted"]["total_s"] * plan.UNMEASURED_PENALTY:
+                assert fits.index(m) < fits.index(u)
 
 
 def test_horizon_chooses_compile_only_when_it_pays_off(capsys):

@@ -52,8 +52,8 @@ def _header(plan: dict, file) -> None:
           file=file)
     print(f"fits = peak x (1+{b['margin']:.0%}) + {b['reserve_gb']} GB reserve <= budget; time = cold start + "
           f"{rq['images']} x per-image time; * = rests on an assumption (--json 'assumed'), error* = never measured; "
-          f"[unmeasured] = a backend/offload factor never measured on any GPU: ranked after every measured recipe "
-          "that fits", file=file)
+          f"[unmeasured] = a backend/offload factor never measured on any GPU: ranked after measured recipes within "
+          f"10 %", file=file)
     print(f"  {'VRAM GB':>8}{'RAM GB':>8}{'s/step':>8}{'image s':>9}{'cold s':>8}{'total s':>9}{'error':>7}  "
           f"{'status':<13}recipe (what differs from all-bf16, no offload) / why not", file=file)
 
