@@ -255,14 +255,13 @@ def _offload(c: _Code, recipe, offload: str, dev: str, device) -> None:
 
 def _runtime(c: _Code, spec, recipe, vae_decode: str, compile_scope: str) -> None:
     if vae_decode == "tiling":
-        from .runtime import vae_tile_px
+        from .runtime import vae_tiles
 
-        native = spec.config("vae")["sample_size"]
-        down = 2 ** (len(spec.config("vae")["block_out_channels"]) - 1)
-        tile = vae_tile_px(native)
+        t = vae_tiles(spec.config("vae"))
         c.add("pipe.vae.enable_tiling()",
-              f"# tiles of {tile} px: diffusers' default tile ({native} px) would not split a {native}x{native} image",
-              f"pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = {tile}, {tile // down}")
+              f"# tiles of {t['tile_px']} px: diffusers' default tile ({t['native_px']} px) would not split a "
+              f"{t['native_px']}x{t['native_px']} image",
+              f"pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = {t['tile_px']}, {t['tile_latent']}")
     elif vae_decode == "slicing":
         c.add("pipe.vae.enable_slicing()")
     if recipe.attention != "native":

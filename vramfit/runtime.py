@@ -158,13 +158,18 @@ def vae_tile_px(native: int) -> int:
     return max(native // 2, 8)
 
 
-def set_vae_tiles(vae) -> dict:
-    """Tiles of ``vae_tile_px`` for a tiled decode (and encode); the latent tile follows the VAE's downscale."""
-    native = int(vae.config.sample_size)
-    down = 2 ** (len(vae.config.block_out_channels) - 1)
+def vae_tiles(config) -> dict:
+    """The tiles of a tiled decode (and encode) for a VAE config (the model's dict or ``vae.config``): ``vae_tile_px``
+    of its native size, the latent tile following the VAE's downscale."""
+    native = int(config["sample_size"])
     tile = vae_tile_px(native)
-    vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // down
-    return {"tile_px": tile, "tile_latent": tile // down, "native_px": native}
+    return {"tile_px": tile, "tile_latent": tile // 2 ** (len(config["block_out_channels"]) - 1), "native_px": native}
+
+
+def set_vae_tiles(vae) -> dict:
+    t = vae_tiles(vae.config)
+    vae.tile_sample_min_size, vae.tile_latent_min_size = t["tile_px"], t["tile_latent"]
+    return t
 
 
 def apply(pipe, recipe, manifest, loaded: dict) -> None:

@@ -90,14 +90,20 @@ def stream_blocks(model: str) -> int:
     return len(layout(model, "transformer", "bf16").stream_blocks)
 
 
+def _stream_resident(model: str, recipe, split: dict) -> int:
+    """Bytes on the GPU under offload=stream outside the slots: CLIP, the VAE, and the streamed components'
+    non-block weights and K resident blocks."""
+    return sum(r for r, _ in split.values()) + sum(layout(model, c, getattr(recipe, c)).total
+                                                   for c in COMPONENTS if c not in split)
+
+
 def stream_stage_peaks(model: str, recipe, shape: Shape, k: int) -> dict[str, float]:
     """GB per stage: everything resident (CLIP, VAE, non-block weights, K blocks) + the stage's R slots sized
     for its largest streamed block + the stage's activations."""
     act = activations_gb(model, recipe, shape)
     split = stream_split(model, recipe, k)
     slots = stream_constants()["slots"]
-    resident = sum(r for r, _ in split.values()) + sum(layout(model, c, getattr(recipe, c)).total
-                                                        for c in COMPONENTS if c not in split)
+    resident = _stream_resident(model, recipe, split)
     ring = {c: slots * max(bl, default=0) for c, (_, bl) in split.items()}
     return {"encode": (resident + ring["text_encoder_2"]) / GB + max(act["text_encoder"], act["text_encoder_2"]),
             "denoise": (resident + ring["transformer"]) / GB + act["transformer"],
@@ -118,9 +124,7 @@ def stream_load_peak_gb(model: str, recipe, k: int) -> float:
               if c != "transformer" and stream.load_device(getattr(recipe, c), "cuda", c).type == "cuda"]
     if not on_gpu:
         return 0.0
-    resident = sum(r for r, _ in split.values()) + sum(layout(model, c, getattr(recipe, c)).total
-                                                        for c in COMPONENTS if c not in split)
-    return (resident + max(on_gpu)) / GB
+    return (_stream_resident(model, recipe, split) + max(on_gpu)) / GB
 
 
 def resolved_k(model: str, recipe) -> int:
