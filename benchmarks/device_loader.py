@@ -108,6 +108,55 @@ def cli(*args) -> list[str]:
     return [sys.executable, "-m", "vramfit.cli", *args]
 
 
+class _Timeout(Exception):
+    pass
+
+
+def run_inprocess(args: list[str], timeout: float) -> tuple[int, str, str, float, dict]:
+    """``vramfit.cli.main(args)`` in this process (the same code as the ``vramfit generate`` command, without the
+    15-20 s of a new interpreter: imports, CUDA context, teardown). stdout/stderr are captured; afterwards every
+    reference is dropped, ``gc.collect()`` and ``empty_cache()`` run, and the CUDA memory still allocated is
+    returned (``leftover_gb``: a leak would show there and in the next row's memory after load). A row that
+    passes ``timeout`` is interrupted (SIGALRM) and reported as code 124."""
+    import contextlib
+    import gc
+    import io
+    import signal
+    import traceback
+
+    import torch
+
+    from vramfit import cli as vcli
+
+    def alarm(*_):
+        raise _Timeout(f"row passed {timeout:.0f} s")
+
+    before = torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+    out, err = io.StringIO(), io.StringIO()
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(max(1, int(timeout)))
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = vcli.main(args)
+    except _Timeout:
+        code = 124
+        err.write(traceback.format_exc())
+    except BaseException:  # noqa: BLE001 - a crash is this row's error, the next row still runs
+        code = 1
+        err.write(traceback.format_exc())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    wall = time.perf_counter() - t0
+    gc.collect()  # outside the except: the traceback no longer holds the pipeline
+    mem = {"allocated_before_gb": round(before, 3)}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        mem["leftover_gb"] = round(torch.cuda.memory_allocated() / 1e9, 3)
+    return code, out.getvalue(), err.getvalue(), wall, mem
+
+
 def generate_row(s: dict, a, model: str, ckpt: Path, gguf: Path | None, timeout: float) -> dict:
     recipe = s["recipe"]
     args = ["generate", PROMPT, "--model", model, "--steps", str(a.steps), "--height", str(a.size), "--width",
@@ -122,8 +171,13 @@ def generate_row(s: dict, a, model: str, ckpt: Path, gguf: Path | None, timeout:
     if recipe:
         args += ["--recipe", recipe]
     args += ["--weights", str(ckpt) if s["weights"] == "dir" else "random"]
-    code, out, err, wall = sh(cli(*args), timeout)
-    row = {"command": "vramfit " + " ".join(args), "wall_s": round(wall, 1), "rc": code}
+    if a.inprocess:
+        code, out, err, wall, harness = run_inprocess(args, timeout)
+        harness["harness"] = "in-process vramfit.cli.main (host_peak_rss_gb is this process's peak so far)"
+    else:
+        code, out, err, wall = sh(cli(*args), timeout)
+        harness = {"harness": "subprocess"}
+    row = {"command": "vramfit " + " ".join(args), "wall_s": round(wall, 1), "rc": code, **harness}
     if code != 0:
         return {**row, "status": "error" if code != 124 else "timeout", "stderr_tail": err[-2000:]}
     rec = json.loads(out.strip().splitlines()[-1])
@@ -189,6 +243,103 @@ def code_row(s: dict, a, model: str, ckpt: Path, timeout: float) -> dict:
     return {**row, "status": "ok", **json.loads(out.strip().splitlines()[-1])}
 
 
+def _fingerprint(module) -> dict:
+    """What could make two loads of the same quantized transformer run at different speeds: per module its class,
+    hooks (accelerate ``_hf_hook``, forward pre/post hooks), and per parameter dtype/device/stride/contiguity and
+    bitsandbytes' quant-state fields."""
+    fp = {}
+    for name, m in module.named_modules():
+        d = {"class": type(m).__name__, "hf_hook": type(getattr(m, "_hf_hook", None)).__name__,
+             "pre_hooks": len(m._forward_pre_hooks), "hooks": len(m._forward_hooks),
+             "forward_overridden": "forward" in vars(m)}
+        for k in ("compute_dtype", "compute_type_is_set", "threshold", "has_fp16_weights"):
+            if hasattr(m, k):
+                d[k] = str(getattr(m, k))
+        if hasattr(m, "state") and hasattr(m.state, "threshold"):
+            d["state"] = {k: str(getattr(m.state, k, None)) for k in ("threshold", "has_fp16_weights", "is_training")}
+        for pn, p in m.named_parameters(recurse=False):
+            q = {"type": type(p).__name__, "dtype": str(p.dtype), "device": str(p.device), "shape": tuple(p.shape),
+                 "stride": tuple(p.stride()), "contiguous": p.is_contiguous()}
+            qs = getattr(p, "quant_state", None)
+            if qs is not None:
+                q["qs"] = {"dtype": str(qs.dtype), "blocksize": qs.blocksize, "quant_type": qs.quant_type,
+                           "shape": tuple(qs.shape), "absmax": str(qs.absmax.dtype), "nested": qs.nested,
+                           "code_device": str(qs.code.device) if qs.code is not None else None}
+            for k in ("SCB", "CB"):
+                if getattr(p, k, None) is not None:
+                    q[k] = (str(getattr(p, k).dtype), tuple(getattr(p, k).shape))
+            d["p." + pn] = q
+        fp[name] = d
+    return fp
+
+
+def bnb_diag(a, rows, model: str, ckpt: Path) -> None:
+    """Issue 13: bitsandbytes from a checkpoint ran 18-19 % slower per step than the same recipe on the random
+    stand-in (H200, 2026-12-01) with equal memory. Both loads side by side in this process: module fingerprints
+    diffed, and one 2-step generate of each profiled (CUDA kernel time by kernel, CPU time by op)."""
+    import gc
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from vramfit import cli as vcli
+    from vramfit import models
+    from vramfit.run import Runner, request_for
+
+    spec = models.get_model(model)
+    req = request_for(spec, PROMPT, steps=2, height=a.size, width=a.size)
+    fps, prof_rows = {}, {}
+    for value in a.diag.split(","):
+        for wname in ("dir", "random"):
+            t0 = time.perf_counter()
+            try:
+                weights = models.resolve_weights(spec, str(ckpt) if wname == "dir" else "random")
+                recipe = vcli.resolve_recipe(f"transformer={value},text_encoder_2={value}", weights)
+                r = Runner(spec, weights, recipe, torch.device(a.device), progress=False)
+                r.load()
+                fps[(value, wname)] = _fingerprint(r.pipe.transformer)
+                r.generate(req)  # warm
+                times = []
+                for _ in range(2):
+                    res = r.generate(req)
+                    times.append(res.record["timings"]["s_per_step"])
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    r.generate(req)
+                ev = prof.key_averages()
+                cuda = sorted(ev, key=lambda e: -getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)))
+                cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)
+                prof_rows[(value, wname)] = {
+                    "s_per_step": times,
+                    "top_cuda": [(e.key[:90], e.count, round(getattr(e, "device_time_total",
+                                                                     getattr(e, "cuda_time_total", 0)) / 1e3, 2))
+                                 for e in cuda[:14]],
+                    "top_cpu_self": [(e.key[:90], e.count, round(e.self_cpu_time_total / 1e3, 2)) for e in cpu[:14]],
+                    "device_self_ms_total": round(sum(getattr(e, "self_device_time_total", 0) or 0 for e in ev) / 1e3,
+                                                  1),
+                    "cpu_self_ms_total": round(sum(e.self_cpu_time_total for e in ev) / 1e3, 1),
+                    "kernels": sum(e.count for e in ev if getattr(e, "device_type", None) is not None
+                                   and str(getattr(e, "device_type", "")).endswith("CUDA")),
+                    "load_s": round(time.perf_counter() - t0, 1)}
+                r.close()
+                del r, res
+            except Exception as e:  # noqa: BLE001 - the diagnosis is a row either way
+                prof_rows[(value, wname)] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+            gc.collect()
+            torch.cuda.empty_cache()
+        fa, fb = fps.get((value, "dir")), fps.get((value, "random"))
+        diffs = []
+        if fa and fb:
+            for name in sorted(set(fa) | set(fb)):
+                da, db = fa.get(name), fb.get(name)
+                if da != db:
+                    keys = sorted(set(da or {}) | set(db or {}))
+                    diffs.append({"module": name, **{k: [(da or {}).get(k), (db or {}).get(k)] for k in keys
+                                                     if (da or {}).get(k) != (db or {}).get(k)}})
+        rows.add({"kind": "diag", "what": f"{value}: --weights DIR (a) vs random (b), one process",
+                  "modules_differing": len(diffs), "first_diffs": diffs[:12],
+                  "a": prof_rows.get((value, "dir")), "b": prof_rows.get((value, "random"))})
+
+
 def pct(a, b):
     if a is None or b is None or not b:
         return None
@@ -210,12 +361,22 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="scratch directory for the checkpoints (not $OUT: 40 GB)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--skip", default=os.environ.get("VRAMFIT_LOADER_SKIP", ""),
-                    help="comma-separated NAME:OFFLOAD[:dir|random] rows measured in an earlier call")
+                    help="comma-separated NAME:OFFLOAD[:dir|random] rows measured in an earlier call ('code': the "
+                         "vramfit code rows)")
     ap.add_argument("--dir-first", action="store_true", default=bool(os.environ.get("VRAMFIT_LOADER_DIR_FIRST")),
                     help="order: code rows, every --weights DIR row, then the random-weight pairs")
     ap.add_argument("--only", default=os.environ.get("VRAMFIT_LOADER_ONLY", ""),
                     help="comma-separated scenario names (a backend name, a code recipe, or 'code' for the vramfit "
                          "code rows and their generate pairs); default: all")
+    ap.add_argument("--phase", choices=("all", "export", "rows"), default="all",
+                    help="export: only the checkpoints (kept for a later call); rows: reuse them (no export)")
+    ap.add_argument("--subprocess", dest="inprocess", action="store_false",
+                    default=not os.environ.get("VRAMFIT_LOADER_SUBPROCESS"),
+                    help="each generate row in a fresh `vramfit generate` process (default: in this process)")
+    ap.add_argument("--diag", default=os.environ.get("VRAMFIT_LOADER_DIAG", ""),
+                    help="comma-separated backend values to diagnose DIR vs random side by side before the rows")
+    ap.add_argument("--order", default=os.environ.get("VRAMFIT_LOADER_ORDER", ""), choices=("", "model-first"),
+                    help="model-first: the offload=model pairs first (quanto-fp8 last), then offload=none")
     a = ap.parse_args()
     out = Path(a.out)
     if a.pytest:
@@ -229,7 +390,7 @@ def main() -> int:
     a.work = a.work or ("/tmp/vramfit-loader-smoke" if a.smoke else "/tmp/vramfit-loader")
     work = Path(a.work)
     ckpt = work / model
-    reuse = bool(os.environ.get("VRAMFIT_LOADER_REUSE")) and (ckpt / "model_index.json").exists()
+    reuse = (bool(os.environ.get("VRAMFIT_LOADER_REUSE")) or a.phase == "rows") and (ckpt / "model_index.json").exists()
     if work.exists() and not reuse:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -250,12 +411,16 @@ def main() -> int:
     if code != 0:
         return 1
     scenarios = plan(a.smoke)
+    if a.phase == "export":
+        scenarios = [sc for sc in scenarios if sc["recipe"] == "gguf"][:1]  # the GGUF file too, then stop
     if a.only:
         keep = set(a.only.split(","))
         scenarios = [sc for sc in scenarios if sc["name"] in keep
                      or ("code" in keep and (sc["kind"] == "code" or sc.get("pair_of") == "code"))]
     if a.skip:  # NAME:OFFLOAD[:dir|random] measured in an earlier call
         skip = [x.split(":") for x in a.skip.split(",") if x]
+        if ["code"] in skip:  # the vramfit code rows and their generate pairs
+            scenarios = [sc for sc in scenarios if sc["kind"] != "code" and sc.get("pair_of") != "code"]
         scenarios = [sc for sc in scenarios if not any(
             sc["name"] == k[0] and sc["offload"] == k[1] and (len(k) < 3 or sc["weights"] == k[2]) for k in skip)]
     if a.dir_first:  # the real path first: code rows, then every DIR row, then the random pairs
@@ -263,6 +428,8 @@ def main() -> int:
                 ("random", "model"): 4}
         scenarios.sort(key=lambda sc: 0 if sc["kind"] == "code" or sc.get("pair_of") == "code"
                        else rank[(sc["weights"], sc["offload"])])
+    if a.order == "model-first":
+        scenarios.sort(key=lambda sc: (sc["offload"] != "model", sc["name"] == "quanto-fp8"))
     repeat = int(os.environ.get("VRAMFIT_LOADER_CODE_REPEAT", "1"))
     if repeat > 1:  # code/generate pairs alternated `repeat` times (group offload's s/step varies from run to run)
         pair = [sc for sc in scenarios if sc["kind"] == "code" or sc.get("pair_of") == "code"]
@@ -285,6 +452,10 @@ def main() -> int:
     else:
         gguf = None
 
+    if a.phase == "export":
+        return 0  # the checkpoints stay in --work for the rows phase
+    if a.diag:
+        bnb_diag(a, rows, model, ckpt)
     done: dict = {}
     for s in scenarios:
         key = (s["kind"], s["name"], s["offload"], s["weights"])

@@ -205,6 +205,8 @@ def child_run(sc: dict, smoke: bool) -> dict:
     entry = [s for s in rec["manifest"] if s["step"] == "offload"]
     if entry:
         row["offload"] = entry[0]
+    # the manifest's load/quantize/vae steps: what was applied (tile_px of the decode, how each component was built)
+    row["manifest"] = [s for s in rec["manifest"] if s["step"] in ("load", "quantize", "vae", "offload", "stream-park")]
     if recipe.offload_kind == "stream":
         row["stream_measured"] = stream.measured(runner.pipe)
     row["host_peak_rss_gb"] = measure.host_rss_gb().get("peak_rss_gb")

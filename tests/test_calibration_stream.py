@@ -120,3 +120,19 @@ def test_check_out_of_sample_leaves_the_judged_stream_row_out(fitted, monkeypatc
     assert out["pairs"]["s/step"][0] != inside["pairs"]["s/step"][0]  # ... predicted without its own row
     res, refit = loo.compare(stock)  # a stock comparison in a stream file: not a fitting row, no refit
     assert not refit and len(seen) == 1 and res["label"] == "stock-bf16-group-leaf"
+
+
+def test_tiling_as_ran_follows_the_manifest_or_the_time_a_manifestless_row_was_measured():
+    """vae_decode=tiling split a native-size image only from commit 926a78c on: a row whose manifest has tile_px,
+    or a manifestless device_stream row measured after that commit, is predicted tiled; older ones untiled."""
+    from vramfit.plan import check
+
+    r = Recipe.parse("transformer=bnb-nf4,offload=stream:4,vae_decode=tiling")
+    meas = {"model": "flux-dev", "height": 1024, "width": 1024}
+    after = {"command": "device_stream.py --budget-s 470 @ 2026-12-02T01:26:40Z"}
+    before = {"command": "device_stream.py --budget-s 600 @ 2026-12-01T20:01:00Z"}
+    assert check.as_ran(after, r, meas).vae_decode == "tiling"
+    assert check.as_ran(before, r, meas).vae_decode == "none"
+    assert check.as_ran({"at": "2026-12-02T01:00:00Z", "manifest": [{"step": "vae"}]}, r, meas).vae_decode == "none"
+    assert check.as_ran({"manifest": [{"step": "vae", "tile_px": 512}]}, r, meas).vae_decode == "tiling"
+    assert check.as_ran({}, r, {**meas, "height": 2048}).vae_decode == "tiling"  # larger than native: split anyway

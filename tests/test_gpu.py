@@ -13,6 +13,11 @@ the code behind ``vramfit recipes``) allow, compile off. GGUF: q8_0, q4_1 and q2
 (one per block family; they share the loading path). Counts per cell are printed at the end and written to
 ``$VRAMFIT_MATRIX_JSON`` (default ``$OUT/gpu_matrix.json`` when ``$OUT`` is set).
 
+``VRAMFIT_MATRIX_SHARD=i/n`` runs the backend values with index i mod n only (and the other GPU tests in shard 0):
+``benchmarks/device_round.sh`` runs n shards side by side on one GPU (flux-tiny needs little of it); each shard
+appends its cells to ``$OUT/gpu_matrix.jsonl``. Values are whole per shard, so the same-latents check holds per
+shard.
+
 ``test_loading_matrix_cpu`` runs a handful of cells of the same code on CPU (not gpu-marked), so the matrix
 logic itself is tested everywhere.
 """
@@ -34,7 +39,30 @@ GGUF_SAMPLE = ("gguf-q8_0", "gguf-q4_1", "gguf-q2_k")
 RESULTS: dict[str, dict] = {}
 
 
+def shard() -> tuple[int, int]:
+    """(i, n) from ``VRAMFIT_MATRIX_SHARD=i/n`` (default 0/1: everything)."""
+    raw = os.environ.get("VRAMFIT_MATRIX_SHARD", "0/1")
+    i, n = (int(x) for x in raw.split("/"))
+    if not 0 <= i < n:
+        raise ValueError(f"VRAMFIT_MATRIX_SHARD={raw!r}: want i/n with 0 <= i < n")
+    return i, n
+
+
+def matrix_values(sharded: bool = True) -> list[str]:
+    out = []
+    for value, spec in quant.BACKENDS.items():
+        if spec.family == "gguf" and value not in GGUF_SAMPLE:
+            continue
+        out.append(value)
+    i, n = shard() if sharded else (0, 1)
+    return [v for k, v in enumerate(out) if k % n == i]
+
+
+not_first_shard = pytest.mark.skipif(shard()[0] != 0, reason="VRAMFIT_MATRIX_SHARD: runs in shard 0")
+
+
 @gpu
+@not_first_shard
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_1", "q4_0", "q5_1", "q5_0", "q4_k", "q2_k"])
 def test_cuda_gguf_quantizers_match_numpy_bytes(qtype):
     g = torch.Generator().manual_seed(0)
@@ -45,6 +73,7 @@ def test_cuda_gguf_quantizers_match_numpy_bytes(qtype):
 
 
 @gpu
+@not_first_shard
 @pytest.mark.parametrize("recipe", ["offload=model", "offload=sequential", "offload=group-block",
                                     "offload=group-leaf", "offload=staged"])
 def test_offload_strategies_bit_identical_on_gpu(recipe):
@@ -70,13 +99,6 @@ def recipe_for(value: str) -> Recipe:
     return Recipe(**comps)
 
 
-def matrix_values() -> list[str]:
-    out = []
-    for value, spec in quant.BACKENDS.items():
-        if spec.family == "gguf" and value not in GGUF_SAMPLE:
-            continue
-        out.append(value)
-    return out
 
 
 def allowed(value: str, offload: str, device_type: str) -> bool:
@@ -87,8 +109,8 @@ def allowed(value: str, offload: str, device_type: str) -> bool:
     return not list(apply.problems(r.components, r.offload_kind, "off", "native", device_type))
 
 
-def cells(device_type: str) -> list[tuple[str, str, str]]:
-    return [(v, o, src) for v in matrix_values() for o in OFFLOADS if allowed(v, o, device_type)
+def cells(device_type: str, sharded: bool = True) -> list[tuple[str, str, str]]:
+    return [(v, o, src) for v in matrix_values(sharded) for o in OFFLOADS if allowed(v, o, device_type)
             for src in ("dir", "saved")]
 
 
@@ -201,7 +223,9 @@ def summary(request):
         d[0 if r["ok"] else 1] += 1
     lines += [f"  source={s}: {p} passed, {f} failed" for s, (p, f) in sorted(by_source.items())]
     lines += [f"  FAILED {k}: {r['error']}" for k, r in RESULTS.items() if not r["ok"]]
-    target = os.environ.get("VRAMFIT_MATRIX_JSON") or (str(Path(os.environ["OUT"]) / "gpu_matrix.json")
+    i, n = shard()
+    name = "gpu_matrix.json" if n == 1 else f"gpu_matrix-{i}of{n}.json"
+    target = os.environ.get("VRAMFIT_MATRIX_JSON") or (str(Path(os.environ["OUT"]) / name)
                                                       if os.environ.get("OUT") else None)
     if target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -239,12 +263,25 @@ def test_loading_matrix_every_offload_gives_the_same_latents(summary):
     assert not differ, differ
 
 
+def test_matrix_shards_partition_the_values(monkeypatch):
+    everything = matrix_values(sharded=False)
+    seen = []
+    for i in range(3):
+        monkeypatch.setenv("VRAMFIT_MATRIX_SHARD", f"{i}/3")
+        seen += matrix_values()
+    assert sorted(seen) == sorted(everything) and len(seen) == len(set(seen))
+    monkeypatch.setenv("VRAMFIT_MATRIX_SHARD", "3/3")
+    with pytest.raises(ValueError):
+        shard()
+
+
 CPU_CELLS = [("torchao-int8wo", "none", "dir"), ("quanto-int8", "staged", "dir"), ("fp8-layerwise", "none", "saved"),
              ("torchao-int8wo", "staged", "saved"), ("gguf-q8_0", "none", "saved"), ("quanto-int8", "stream", "dir")]
 
 
+@not_first_shard
 def test_loading_matrix_cpu(tmp_path, summary):
-    allowed_here = {c for c in cells("cpu")}
+    allowed_here = {c for c in cells("cpu", sharded=False)}
     assert set(CPU_CELLS) <= allowed_here  # the rules allow them on CPU
     assert not any(o in ("model", "group-block") for _, o, _ in allowed_here)  # accelerator offloads refused
     ck = Checkpoints(tmp_path, "cpu")

@@ -736,9 +736,21 @@ def _problems(components: dict[str, str], offload: str, compile: str, device_typ
                    f"weights ({why})"), \
                 f"{comp}={v} with offload=model, or {comp}=fp8-layerwise with offload=group-block"
         if v == "bnb-int8" and offload in ("model", "sequential"):
-            yield (f"{comp}=bnb-int8 with offload={offload}: bitsandbytes 8-bit models cannot be moved "
-                   "('Calling `to()` is not supported for `8-bit` quantized models')"), \
+            # diffusers 0.42.1 refuses `.to()` of an 8-bit model only with bitsandbytes < 0.48 and transformers 5
+            # only `.cuda()`; whether accelerate's offload hooks move Int8Params with its SCB row scales intact has
+            # not been run on a GPU here, so the combination stays refused until it is
+            yield (f"{comp}=bnb-int8 with offload={offload}: moving bitsandbytes 8-bit weights (Int8Params with "
+                   "their SCB row scales) between host and GPU through accelerate's offload hooks has not been run "
+                   "on a GPU with bitsandbytes 0.50 (older bitsandbytes refused it: 'Calling `to()` is not "
+                   "supported for `8-bit` quantized models')"), \
                 f"{comp}=bnb-nf4 or torchao-int8wo with offload={offload}, or offload=none"
+        if v == "quanto-fp8" and offload == "stream" and device_type == "cuda":
+            yield (f"{comp}=quanto-fp8 with offload=stream: on CUDA optimum-quanto 0.2.7 packs fp8 weights as "
+                   "MarlinF8PackedTensor, which exists only on the GPU (`assert data.device.type == \"cuda\"` when "
+                   "its bytes are rebuilt in host memory, seen on the H200): the streaming executor cannot keep "
+                   "them in host memory"), \
+                f"{comp}=fp8-layerwise or {comp}=torchao-fp8wo with offload=stream, or {comp}=quanto-fp8 with " \
+                "offload=model"
         if v in ("bnb-nf4", "bnb-fp4") and offload in ("group-block", "group-leaf"):
             yield (f"{comp}={v} with offload={offload}: CUDA illegal memory access inside diffusers 0.42.1 group "
                    "offload, seen on H200"), f"{comp}={v} with offload=model, or {comp}=fp8-layerwise with offload={offload}"

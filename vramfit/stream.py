@@ -834,37 +834,58 @@ def park_blocks(module: torch.nn.Module, component: str) -> int:
     return moved
 
 
-def quantize_streamed(module: torch.nn.Module, component: str, value: str, device) -> dict:
-    """``quant.quantize_component`` one block at a time on ``device``, each block moved to host memory right after;
-    then the rest of the component (blocks set aside) on the device. Each linear is quantized by the same library
-    call as in a resident run, so the bytes are identical; the device holds at most one unquantized block."""
-    from . import quant
+class StreamedQuantizer:
+    """``quant.quantize_component`` one block at a time on ``device``, each block moved to host memory right after
+    (``block_done``); then the rest of the component, blocks set aside, on the device (``finish``). Each linear is
+    quantized by the same library call as in a resident run, so the bytes are identical; the device holds at most
+    one unquantized block. ``block_done`` may be called while the component is still being built (the random
+    stand-in, ``models.materialize_random(unit_done=...)``): the host then never holds more than one bf16 block."""
 
-    device = torch.device(device)
-    skip = quant._not_convert_keys(module)
-    host = torch.device("cpu")
-    lists = [(n, module.get_submodule(n)) for n in BLOCK_LISTS[component]]
-    n_blocks = 0
-    for lname, lst in lists:
-        for i, block in enumerate(lst):
-            quant.quantize_component(_One(block, _block_skip(skip, f"{lname}.{i}")), component, value, device)
-            _to_device(block, host, set())  # packed bytes leave the device before the next block comes
-            check_bnb4_states(block, f"{component}.{lname}.{i}")
-            n_blocks += 1
-    saved = {lname: list(lst) for lname, lst in lists}
-    for _, lst in lists:  # the rest: quantized and placed by the component's own call, blocks set aside
-        for i in range(len(lst)):
-            lst[i] = torch.nn.Module()
-    entry = quant.quantize_component(module, component, value, device)
-    for lname, lst in lists:
-        for i, block in enumerate(saved[lname]):
-            lst[i] = block
-    entry["api"] = (f"{entry['api']}; per block on {device} then moved to host ({n_blocks} blocks, "
-                    f"vramfit.stream.quantize_streamed), then the rest on {device}")
-    entry["classes"] = quant.quantized_classes(module)
-    entry["quantized_modules"] = sum(entry["classes"].values())
-    entry["weight_bytes"] = quant.weight_bytes(module)
-    return entry
+    def __init__(self, module: torch.nn.Module, component: str, value: str, device):
+        from . import quant
+
+        self.module, self.component, self.value = module, component, value
+        self.device = torch.device(device)
+        self.skip = quant._not_convert_keys(module)
+        self.blocks = {f"{lname}.{i}": (lname, i) for lname in BLOCK_LISTS[component]
+                       for i in range(len(module.get_submodule(lname)))}
+        self.done: set = set()
+
+    def block_done(self, name: str) -> None:
+        from . import quant
+
+        block = self.module.get_submodule(name)
+        quant.quantize_component(_One(block, _block_skip(self.skip, name)), self.component, self.value, self.device)
+        _to_device(block, torch.device("cpu"), set())  # packed bytes leave the device before the next block comes
+        check_bnb4_states(block, f"{self.component}.{name}")
+        self.done.add(name)
+
+    def finish(self) -> dict:
+        from . import quant
+
+        for name in self.blocks:
+            if name not in self.done:
+                self.block_done(name)
+        lists = [(n, self.module.get_submodule(n)) for n in BLOCK_LISTS[self.component]]
+        saved = {lname: list(lst) for lname, lst in lists}
+        for _, lst in lists:  # the rest: quantized and placed by the component's own call, blocks set aside
+            for i in range(len(lst)):
+                lst[i] = torch.nn.Module()
+        entry = quant.quantize_component(self.module, self.component, self.value, self.device)
+        for lname, lst in lists:
+            for i, block in enumerate(saved[lname]):
+                lst[i] = block
+        entry["api"] = (f"{entry['api']}; per block on {self.device} then moved to host ({len(self.blocks)} blocks, "
+                        f"vramfit.stream.quantize_streamed), then the rest on {self.device}")
+        entry["classes"] = quant.quantized_classes(self.module)
+        entry["quantized_modules"] = sum(entry["classes"].values())
+        entry["weight_bytes"] = quant.weight_bytes(self.module)
+        return entry
+
+
+def quantize_streamed(module: torch.nn.Module, component: str, value: str, device) -> dict:
+    """A built component quantized block by block (``StreamedQuantizer``): see there."""
+    return StreamedQuantizer(module, component, value, device).finish()
 
 
 def resolve_k(recipe, spec=None, shape=None, vram_budget_bytes=None, gpu=None) -> tuple[int, str]:
@@ -911,10 +932,16 @@ def apply_stream(pipe, recipe, device, manifest, k: int | None = None, slots: in
         module = getattr(pipe, component, None)
         if module is not None:
             _to_device(module, device, set())
+    # no ring holds device memory before its own stage: each is allocated at its component's first streamed block
+    # and freed after its stage (H200, bf16 stream:0: with both rings allocated at attach, the transformer's 1.36 GB
+    # ring sat beside T5's during encode and set the 3.23 GB peak)
+    for ex in executors.values():
+        ex.release()
     proxies = {c: sum(isinstance(m, StreamedBlock) for m in getattr(pipe, c).modules()) for c in executors}
     ok = all(proxies[c] == executors[c].info["streamed"] for c in executors)
     entry = manifest.add(
         "offload", strategy="stream", k=k, k_source=source, recipe_offload=f"stream:{k}", slots=slots,
+        rings="allocated at each component's first streamed block, freed after its stage",
         api="vramfit.stream.attach(component, device, k, slots): blocks packed once in pinned host memory "
             "(cudaHostRegister), copied per block on a side CUDA stream into a ring of device slots",
         components=comps, verified=ok,

@@ -238,16 +238,33 @@ def _init_param(name: str, module: torch.nn.Module, shape, dtype, gen_device, g)
     return torch.empty(shape, dtype=dtype, device=gen_device).uniform_(-bound, bound, generator=g)
 
 
-def materialize_random(module: torch.nn.Module, seed: int, device: torch.device, dtype: torch.dtype) -> None:
+def materialize_random(module: torch.nn.Module, seed: int, device: torch.device, dtype: torch.dtype,
+                       units=(), unit_done=None) -> None:
     """Replace every meta parameter with seeded random values, one tensor at a time, in ``dtype`` on ``device``.
 
     Init: linear/conv weights U(±1/sqrt(fan_in)) (PyTorch's default bound for weights), biases 0, norm scales 1,
     embeddings N(0, 1). Peak extra memory is one tensor.
+
+    ``units`` (submodule names, e.g. the transformer's blocks) and ``unit_done(name)``: called as soon as the last
+    parameter of a unit is drawn, before anything after it, so the caller can quantize the unit and move it away
+    while the rest is still to come. The values drawn are the same with or without it (one generator, one order).
     """
     gen_device = random_generation_device(device)
     g = torch.Generator(gen_device).manual_seed(seed)
     done: dict[int, torch.nn.Parameter] = {}
-    for mod in module.modules():
+    units = tuple(units)
+
+    def unit_of(name: str):
+        return next((u for u in units if name == u or name.startswith(u + ".")), None)
+
+    current = None
+    for mname, mod in module.named_modules():
+        if units:
+            u = unit_of(mname)
+            if u != current:
+                if current is not None and unit_done is not None:
+                    unit_done(current)
+                current = u
         for name, p in list(mod._parameters.items()):
             if p is None:
                 continue
@@ -261,12 +278,19 @@ def materialize_random(module: torch.nn.Module, seed: int, device: torch.device,
         for name, b in list(mod._buffers.items()):
             if b is not None:
                 mod._buffers[name] = b.to(device)
+    if current is not None and unit_done is not None:
+        unit_done(current)
 
 
-def build_random_component(spec: ModelSpec, component: str, seed: int, device, dtype) -> torch.nn.Module:
+def build_random_component(spec: ModelSpec, component: str, seed: int, device, dtype, units=(),
+                           unit_done=None) -> torch.nn.Module:
+    """The stand-in component, seeded; ``units``/``unit_done`` as in ``materialize_random`` (``unit_done(model,
+    name)`` here, as the caller does not hold the model yet)."""
     device = torch.device(device)
     model = empty_component(spec, component, dtype)
-    materialize_random(model, seed * 100 + _COMPONENT_SEED_OFFSET[component], device, dtype)
+    done = (lambda name: unit_done(model, name)) if unit_done is not None else None
+    materialize_random(model, seed * 100 + _COMPONENT_SEED_OFFSET[component], device, dtype, units=units,
+                       unit_done=done)
     return model
 
 

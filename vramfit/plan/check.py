@@ -107,16 +107,36 @@ def predicted_for(meas: dict, pred: dict, steps: int) -> dict:
     return {"peak": pred["peak_vram_gb"], "s/step": step, "total": pred["warm_s"] + cold}
 
 
+# commit 926a78c (vae_decode=tiling splits a native-size image: 512 px tiles for FLUX) landed at this time; a row
+# stamped later ran with it even where it kept no manifest (benchmarks/device_stream.py rows before 2026-12-02)
+TILING_FIX_UTC = "2026-12-01T23:49:57Z"
+
+
+def _stamp(row: dict) -> str | None:
+    """The UTC time a row was measured: its ``at`` field, or the ``@ TIME`` device_stream.py puts in ``command``."""
+    at = row.get("at")
+    if isinstance(at, str) and at[:2] == "20":
+        return at
+    cmd = row.get("command")
+    if isinstance(cmd, str) and " @ " in cmd:
+        return cmd.rsplit(" @ ", 1)[1].strip()
+    return None
+
+
 def as_ran(row: dict, recipe, meas: dict):
     """The recipe as the row's run really executed it. Before 2026-12-01 (session 4), ``vae_decode=tiling`` used
     diffusers' default tile, the VAE's native size, so an image no larger than that was decoded in one piece; such a
-    run's manifest has no ``tile_px`` in its vae step, and it is predicted as ``vae_decode=none``."""
+    run's manifest has no ``tile_px`` in its vae step, and it is predicted as ``vae_decode=none``. A row without a
+    manifest is judged by when it was measured (``TILING_FIX_UTC``)."""
     from .. import models
 
     if getattr(recipe, "vae_decode", "none") != "tiling":
         return recipe
     vae_steps = [s for s in row.get("manifest") or [] if isinstance(s, dict) and s.get("step") == "vae"]
     if any("tile_px" in s for s in vae_steps):
+        return recipe
+    stamp = _stamp(row)
+    if not row.get("manifest") and stamp is not None and stamp > TILING_FIX_UTC:
         return recipe
     native = models.get_model(meas["model"]).config("vae").get("sample_size", 1024)
     if max(meas["height"], meas["width"]) <= native:
