@@ -20,17 +20,17 @@ Rows (full-size FLUX.1-dev stand-in, random weights, 1024x1024, seed 0):
   bf16-stream-k0       bf16, offload=stream:0, 28 steps, no cap (goal: within 1.10 x of 23.8 GB / link GB/s)
   generate-3GB         `vramfit generate --vram 3GB` (the planner's choice) under a 3 GB cap
   sweep-<value>-<GB>   offload=stream with K from each budget, 6 steps, for nf4 / torchao-int8wo / fp8-layerwise /
-                       bf16 at 24/16/12/8/4/3 GB (tightest budgets first: that is where stock must offload);
-                       a row whose resolved recipe equals an earlier row's is not run again (it says so)
+                       bf16 at 3/4/8/12/16/24 GB: one process per value (scenario sweep-<value>), built once and
+                       re-attached with each budget's K, tightest first (child_sweep); a budget whose resolved
+                       recipe equals the previous one's is not run again (it says so)
   stock-<value>-<how>  the best stock diffusers mechanism for budgets where stock must offload, 6 steps:
                        group-leaf (int8wo / fp8 / bf16; bnb is refused by group offload), model offload for nf4
   generate-8GB/12GB    `vramfit generate --vram 8GB / 12GB` under those caps
 
-Estimated GPU wall time for everything: ~45 min (16 distinct sweep runs with the planner's K, 4 stock, 3
-generate, 4 headline rows, ~60-90 s each, mostly building the random stand-in in host memory). With the default
---budget-s 600: link, tiny-identity, nf4-stream-3GB, nf4-resident (+ the identity row), bf16-stream-k0 and
-generate-3GB; the rest are rows saying they were left out (--budget-s 1200 adds the 3 and 8 GB sweep and stock rows). Sweep rows whose K resolves to a recipe
-already run (e.g. nf4 at 3 and 4 GB both K=0, the headline row) say so instead of running again.
+Estimated GPU wall time for everything: ~25 min (4 sweep groups of ~150 s: one build each plus ~15 s per budget;
+4 stock rows ~80-100 s; 3 generate rows ~120 s; 4 headline rows ~60-110 s). With the default --budget-s 600:
+link, tiny-identity, the headline rows and generate-3GB; the rest are rows saying they were left out. Use --only
+(e.g. ``--only sweep-nf4,stock-nf4-model,sweep-int8``) to run the sweep in a later call.
 ``--smoke`` runs the same code on flux-tiny on CPU (64x64, 2 steps, no caps).
 """
 
@@ -68,10 +68,9 @@ def scenarios() -> list[dict]:
         dict(name="bf16-stream-k0", kind="run", recipe="offload=stream:0,vae_decode=tiling", steps=28, est_s=90),
         dict(name="generate-3GB", kind="cli", vram="3GB", budget_gb=3, steps=28, est_s=120),
     ]
-    sweep = [dict(name=f"sweep-{v}-{gb}GB", kind="run", value=v, budget_gb=gb, steps=6,
-                  recipe=",".join(x for x in (VALUES[v], "offload=stream", "vae_decode=tiling" if gb <= 8 else "")
-                                  if x), est_s=90)
-             for gb in SWEEP_GB for v in ("nf4", "int8", "fp8", "bf16")]
+    # one process per value, built once, every budget re-attached (child_sweep): ~60 s build + ~15 s per budget
+    sweep = {v: dict(name=f"sweep-{v}", kind="sweepgroup", value=v, budgets_gb=list(SWEEP_GB), steps=6,
+                     est_s=60 + 15 * len(SWEEP_GB)) for v in ("nf4", "int8", "fp8", "bf16")}
     stock = [dict(name="stock-int8-group-leaf", kind="run", recipe=VALUES["int8"] + ",offload=group-leaf,"
                   "vae_decode=tiling", budget_gb=3, steps=6, est_s=100),
              dict(name="stock-fp8-group-leaf", kind="run", recipe=VALUES["fp8"] + ",offload=group-leaf,"
@@ -80,8 +79,12 @@ def scenarios() -> list[dict]:
                   steps=6, est_s=80),
              dict(name="stock-bf16-group-leaf", kind="run", recipe="offload=group-leaf,vae_decode=tiling",
                   budget_gb=3, steps=6, est_s=100)]
-    # the 3 and 8 GB sweep rows first (stock must offload there), then the stock rows they are compared with
-    return out + sweep[:8] + stock + sweep[8:] + [
+    # each value's sweep, then the stock row it is compared with where stock must offload
+    stock_of = {"nf4": "stock-nf4-model", "int8": "stock-int8-group-leaf", "fp8": "stock-fp8-group-leaf",
+                "bf16": "stock-bf16-group-leaf"}
+    paired = [x for v in ("nf4", "int8", "fp8", "bf16") for x in (sweep[v], *[s for s in stock
+                                                                               if s["name"] == stock_of[v]])]
+    return out + paired + [
         dict(name="generate-8GB", kind="cli", vram="8GB", budget_gb=8, steps=6, est_s=120),
         dict(name="generate-12GB", kind="cli", vram="12GB", budget_gb=12, steps=6, est_s=120)]
 
@@ -213,6 +216,106 @@ def child_run(sc: dict, smoke: bool) -> dict:
     return row
 
 
+def _stream_recipe(value: str, gb: float) -> str:
+    """The sweep's recipe for a value and budget: offload=stream (K from the budget), the decode tiled at <= 8 GB."""
+    return ",".join(x for x in (VALUES[value], "offload=stream", "vae_decode=tiling" if gb <= 8 else "") if x)
+
+
+def child_sweep(sc: dict, smoke: bool) -> dict:
+    """One value at every budget of the sweep, in one process and from one build: the pipeline is built once (the
+    random stand-in, quantized block by block) at the tightest budget's K under its cap; for each larger budget the
+    cap is raised, the transformer's executor is detached and attached again with that budget's K (K only grows, so
+    the new resident blocks join the old ones), the VAE tiling set as the recipe says, the peak counters reset,
+    and one image generated. Each budget is its own row. What is shared: the build (``load_s`` is the first row's
+    only) and the process (``host_peak_rss_gb`` is the process's peak so far: an upper bound for the row; the RSS
+    after the re-attach is each row's own). Saves a fresh build per budget (30-60 s each on the H200)."""
+    import gc
+
+    import torch
+
+    from vramfit import measure, models, runtime, stream
+    from vramfit.recipe import Recipe
+    from vramfit.run import Runner
+
+    device = torch.device("cpu" if smoke else "cuda")
+    spec, req = _spec_and_request(smoke, sc["steps"])
+    budgets = sorted(sc["budgets_gb"])
+    plans = []
+    for gb in budgets:
+        r = Recipe.parse(_stream_recipe(sc["value"], gb))
+        k, k_source = stream.resolve_k(r, spec=spec, shape=(req.height, req.width, req.steps),
+                                       vram_budget_bytes=gb * GB, gpu=None)
+        if smoke:  # flux-tiny fits whole at every budget: K grows with the budget's index, to re-attach for real
+            k, k_source = min(k, len(plans)), "smoke: K = the budget's index"
+        plans.append((gb, r.with_(offload=f"stream:{k}"), k, k_source))
+    rows, runner, last, shas = [], None, None, {}
+    for gb, recipe, k, k_source in plans:
+        name = f"sweep-{sc['value']}-{gb:g}GB"
+        row = {"name": name, "scenario": {"name": name, "kind": "run", "value": sc["value"], "budget_gb": gb,
+                                          "steps": sc["steps"], "recipe": _stream_recipe(sc["value"], gb)},
+               "harness": "one process per value (child_sweep): built once, re-attached with each budget's K"}
+        if last is not None and str(last) == str(recipe):
+            row["skipped"] = f"same resolved recipe as the {rows[-1]['name']} row: not run again"
+            rows.append(row)
+            continue
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            row.update(_cap(None if smoke else gb))
+            t0 = time.perf_counter()
+            mem = measure.Memory(device) if hasattr(measure, "Memory") else None
+            if runner is None:
+                runner = Runner(spec, models.resolve_weights(spec, "random"), recipe, device, progress=False)
+                runner.load()
+            else:
+                if mem is not None:
+                    mem.reset_peak()
+                pipe = runner.pipe
+                pipe._vramfit_stream["transformer"].detach()
+                ex = stream.attach(pipe.transformer, "transformer", device, k)
+                ex.release()  # its ring is allocated at the first streamed block, as apply_stream leaves it
+                pipe._vramfit_stream["transformer"] = ex
+                if recipe.vae_decode == "tiling":
+                    pipe.vae.enable_tiling()
+                    runtime.set_vae_tiles(pipe.vae)
+                else:
+                    pipe.vae.disable_tiling()
+                gc.collect()
+            attach = mem.peak() if mem is not None and last is not None else {}
+            row["attach_s"] = round(time.perf_counter() - t0, 2)
+            row["host_rss_after_attach_gb"] = measure.host_rss_gb().get("rss_gb")
+            rec = runner.generate(req).record
+            m = dict(rec["memory"])
+            if last is not None:  # the load peak of the first row does not belong to this one
+                m["peak_allocated_gb"] = max(m["generate_peak_allocated_gb"], attach.get("peak_allocated_gb", 0.0))
+                m["peak_reserved_gb"] = max(m["generate_peak_reserved_gb"], attach.get("peak_reserved_gb", 0.0))
+                m["attach_peak_allocated_gb"] = attach.get("peak_allocated_gb")
+                rec["timings"] = {**rec["timings"], "load_s": None}
+            row.update({"recipe": str(recipe), "k_source": k_source, "steps": req.steps,
+                        "size": [req.height, req.width], "timings": rec["timings"], "memory": m,
+                        "latents_sha256": rec["latents"]["sha256"], "latents_finite": rec["latents"]["finite"],
+                        "weight_gb_total": rec["weight_gb_total"], "device": rec["device"],
+                        "versions": rec["versions"], "offload": {"step": "offload", "strategy": "stream", "k": k,
+                                                                 "components": {c: e.describe() for c, e in
+                                                                                runner.pipe._vramfit_stream.items()}},
+                        "manifest": [x for x in rec["manifest"] if x["step"] in ("load", "quantize", "vae")]
+                        if last is None else [{"step": "vae", "mode": recipe.vae_decode,
+                                               **(runtime.vae_tiles(runner.pipe.vae.config)
+                                                  if recipe.vae_decode == "tiling" else {})}],
+                        "stream_measured": stream.measured(runner.pipe),
+                        "host_peak_rss_gb": measure.host_rss_gb().get("peak_rss_gb")})
+            shas[name] = rec["latents"]["sha256"]
+            last = recipe
+        except Exception as e:  # this budget's row carries the error; the rest of the group stops (state unknown)
+            import traceback
+
+            row.update({"error": f"{type(e).__name__}: {e}"[:800], "traceback": traceback.format_exc()[-2000:]})
+            rows.append(row)
+            break
+        rows.append(row)
+    return {"rows": rows, "same_latents_across_budgets": len(set(shas.values())) <= 1 if shas else None}
+
+
 def child_cli(sc: dict, smoke: bool) -> dict:
     from vramfit import cli
 
@@ -237,7 +340,7 @@ def child(sc: dict, smoke: bool) -> dict:
     t0 = time.perf_counter()
     try:
         row = {"link": child_link, "tiny": child_tiny, "run": lambda s: child_run(sc, s),
-               "cli": lambda s: child_cli(sc, s)}[
+               "cli": lambda s: child_cli(sc, s), "sweepgroup": lambda s: child_sweep(sc, s)}[
             sc["kind"]](smoke)
     except Exception as e:  # a failed scenario is a row with its error
         import traceback
@@ -293,6 +396,12 @@ def main(argv=None) -> int:
                 row.update(_run_child(sc, args.smoke, timeout=left))
                 if key is not None and "error" not in row:
                     seen_recipes[key] = (sc["name"], cap)
+        if "rows" in row:  # a sweep group: one row per budget, then the group's own summary row
+            for sub in row.pop("rows"):
+                sub = {"schema": "vramfit.stream/1", "command": command, "smoke": args.smoke, **sub}
+                done[sub["name"]] = sub
+                _append(out, sub)
+                print(_line(sub), flush=True)
         done[sc["name"]] = row
         _append(out, row)
         print(_line(row), flush=True)
@@ -357,6 +466,8 @@ def _line(row: dict) -> str:
     if "cases" in row:
         return f"{row['name']:24s} all_identical={row['all_identical']} " + ", ".join(
             f"{k}: {v.get('bit_identical', v.get('error'))}" for k, v in row["cases"].items())
+    if "same_latents_across_budgets" in row:
+        return f"{row['name']:24s} same_latents_across_budgets={row['same_latents_across_budgets']}"
     if "bit_identical" in row:
         return f"{row['name']:24s} bit_identical={row['bit_identical']}"
     sm = row.get("stream_measured", {}).get("transformer", {})

@@ -87,6 +87,25 @@ def test_offload_strategies_bit_identical_on_gpu(recipe):
     assert np.array_equal(np.asarray(ref.image), np.asarray(got.image))
 
 
+@gpu
+@not_first_shard
+def test_probe_bnb_int8_moves_between_host_and_gpu_under_model_offload():
+    """A probe for a refused cell (``transformer=bnb-int8`` with ``offload=model``): diffusers 0.42.1 no longer blocks
+    ``.to()`` of an 8-bit model with bitsandbytes >= 0.48. Here diffusers' own model offload is switched on over a
+    resident bnb-int8 pipeline (bypassing vramfit's refusal); if the latents equal the resident run's, the Int8Params
+    and their SCB row scales survived the moves and the refusal can be lifted (the matrix then runs the cell)."""
+    spec = models.get_model("flux-tiny")
+    w = models.resolve_weights(spec, "random")
+    req = request_for(spec, "a fox", steps=2)
+    r = Runner(spec, w, Recipe(transformer="bnb-int8"), torch.device("cuda"), progress=False)
+    ref = r.generate(req)
+    r.pipe.enable_model_cpu_offload(device="cuda")
+    assert all(p.device.type == "cpu" for p in r.pipe.transformer.parameters()), "model offload did not move it out"
+    got = r.generate(req)
+    assert torch.equal(ref.latents, got.latents)
+    r.close()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the real-loading-path matrix
 

@@ -158,6 +158,19 @@ def test_pipeline_stream_matches_offload_none(value):
     assert counts["transformer"]["copies"] == 2 * 3 + 2
 
 
+def test_one_streamed_block_runs_in_a_single_slot():
+    """K = blocks - 1 leaves one streamed block, so the ring has one slot: it used to crash after that block
+    (IndexError in the ring refill; FLUX.1-dev offload=stream:56). The block is copied once and stays."""
+    req = request_for(SPEC, "a red bicycle", steps=2, seed=5)
+    ref = Runner(SPEC, models.resolve_weights(SPEC, "random"), Recipe(), CPU, progress=False).generate(req)
+    r = Runner(SPEC, models.resolve_weights(SPEC, "random"), Recipe.parse("offload=stream:3"), CPU, progress=False)
+    got = r.generate(req)
+    assert torch.equal(ref.latents, got.latents)
+    ex = r.pipe._vramfit_stream["transformer"]
+    assert len(ex.streamed) == 1 and ex.slots == 1
+    assert stream.measured(r.pipe)["transformer"]["copies"] == 1  # still in its slot at every later call
+
+
 @pytest.mark.slow
 def test_stream_with_regional_compile_matches_resident_compile():
     req = request_for(SPEC, "a red bicycle", steps=2, seed=5)
@@ -479,3 +492,28 @@ def test_checkpoint_stream_quantizes_the_transformer_block_by_block_and_matches_
     assert "quantize_streamed" in q["api"] and q["quantized_modules"] > 0
     none_load = [s for s in out["none"][2] if s["step"] in ("load", "pipeline-quantization")]
     assert any("PipelineQuantizationConfig" in s.get("api", "") for s in none_load)  # the other path, really
+
+
+def test_device_stream_sweep_group_reattaches_each_budget_and_keeps_the_image():
+    """benchmarks/device_stream.py's sweep group (one build per value, the executor re-attached with each budget's
+    K, smallest first): every budget is a row with its own K and recipe, the image does not change with K, and a
+    budget resolving to the previous recipe is a row saying so."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "device_stream.py"
+    spec = importlib.util.spec_from_file_location("device_stream", path)
+    ds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ds)
+    out = ds.child_sweep({"value": "bf16", "budgets_gb": [12, 3, 4, 8, 16, 24], "steps": 2}, smoke=True)
+    rows = out["rows"]
+    assert [r["name"] for r in rows] == [f"sweep-bf16-{gb}GB" for gb in (3, 4, 8, 12, 16, 24)]
+    ran = [r for r in rows if "recipe" in r]
+    ks = [Recipe.parse(r["recipe"]).stream_k for r in ran]
+    assert ks == sorted(ks) and len(set(ks)) > 2, ks  # re-attached with growing K
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    assert out["same_latents_across_budgets"] is True
+    assert [Recipe.parse(r["recipe"]).vae_decode for r in ran] == ["tiling" if r["scenario"]["budget_gb"] <= 8
+                                                                   else "none" for r in ran]
+    assert all(r["timings"]["load_s"] is None for r in ran[1:])  # the build belongs to the first row only
+    assert any("same resolved recipe" in r.get("skipped", "") for r in rows)

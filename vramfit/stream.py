@@ -653,15 +653,17 @@ class BlockStream:
             self.computed[slot].record(cur)
             self._compute_timing.append((c0, c1))
         self.queue.popleft()
-        self._fill()
+        self._fill(after=pos)
         if cuda and pos == len(self.streamed) - 1:
             self._close_pass()
         return out
 
-    def _fill(self) -> None:
+    def _fill(self, after: int | None = None) -> None:
+        """Top the ring up with the blocks after the last one queued (or after ``after``, the block just computed,
+        when the queue ran empty: one slot, as with a single streamed block at K = blocks - 1)."""
         while len(self.queue) < self.slots:
-            nxt = (self.queue[-1][0] + 1) % len(self.streamed)
-            self._issue(nxt)
+            last = self.queue[-1][0] if self.queue else after
+            self._issue((last + 1) % len(self.streamed))
 
     def _issue(self, pos: int) -> None:
         slot = self.next_slot
