@@ -56,14 +56,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_RSS_KEYS = {"VmRSS:": "rss_gb", "VmHWM:": "peak_rss_gb", "RssAnon:": "rss_anon_gb", "RssFile:": "rss_file_gb"}
+
+
 def host_rss_gb() -> dict:
-    """Current and peak resident set size of this process, from /proc (Linux)."""
+    """Current and peak resident set size of this process, from /proc (Linux). ``rss_anon_gb`` is private memory;
+    ``rss_file_gb`` is mapped file pages (a safetensors checkpoint read through mmap): clean page cache the OS may
+    drop under pressure, counted in RSS all the same."""
     out = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key = "rss_gb" if line.startswith("VmRSS") else "peak_rss_gb"
+                key = _RSS_KEYS.get(line.split(" ", 1)[0].split("\t", 1)[0])
+                if key:
                     out[key] = round(int(line.split()[1]) * 1024 / GB, 3)
     except OSError:
         import resource
