@@ -171,3 +171,43 @@ def test_chart_labels_do_not_overlap_and_keep_the_front():
     assert {"scenario-0", "scenario-1", "far-away", "at-the-right-edge-with-a-long-name"} <= set(names)
     assert hidden == 14 - len(placed) and hidden > 0
     plt.close(fig)
+
+
+def _stream_row(name, recipe, s, peak, cap=None, budget=None, value=None, host=None, stored=(2.0, 8e9), k=None):
+    row = {"schema": "vramfit.stream/1", "name": name, "recipe": recipe, "cap_gb": cap,
+           "timings": {"s_per_step_median": s}, "memory": {"peak_reserved_gb": peak, "host_peak_rss_gb": host},
+           "weight_gb_total": stored[0], "device": {"type": "cuda", "name": "NVIDIA H200"},
+           "offload": {"k": k, "pinned_host_bytes": stored[1]} if k is not None else {}}
+    if budget is not None:
+        row["scenario"] = {"value": value, "budget_gb": budget}
+    return row
+
+
+def test_stream_sweep_section_compares_each_budget_with_the_fastest_stock_row_that_fits(tmp_path):
+    from vramfit import stream_report
+
+    nf4 = "transformer=bnb-nf4,text_encoder_2=bnb-nf4"
+    rows = [
+        _stream_row("sweep-nf4-3GB", f"{nf4},offload=stream:4", 0.205, 2.9, cap=3, budget=3, value="nf4", host=11.0,
+                    k=4),
+        _stream_row("sweep-nf4-8GB", f"{nf4},offload=stream:30", 0.19, 7.5, cap=8, budget=8, value="nf4", host=16.5,
+                    k=30),
+        _stream_row("stock-nf4-model", f"{nf4},offload=model", 0.30, 7.3, cap=8),  # fits 8 GB, not 3 GB
+        _stream_row("stock-nf4-group", f"{nf4},offload=group-leaf", 0.45, 2.6, cap=3),  # fits both, slower
+        _stream_row("nf4-resident", nf4, 0.185, 14.0),  # uncapped: fits by its measured peak only (>= 14 GB)
+        {"schema": "vramfit.stream/1", "name": "sweep-nf4-4GB", "skipped": "left out"},
+        {"schema": "vramfit.stream/1", "name": "sweep-nf4-12GB", "error": "OutOfMemoryError"},
+    ]
+    table = stream_report.sweep_table(rows)
+    assert [(e["budget_gb"], e["stock"]) for e in table] == [(3.0, "stock-nf4-group"), (8.0, "stock-nf4-model")]
+    assert table[0]["ratio"] == round(0.45 / 0.205, 2) and table[1]["ratio"] == round(0.30 / 0.19, 2)
+    # host goal: 1.15 x (2 GB on the GPU + 8 GB pinned) + 2 GB = 13.5 GB
+    assert table[0]["host_goal_gb"] == 13.5 and table[0]["host_ok"] is True and table[1]["host_ok"] is False
+    results = tmp_path / "stream.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = report.make_report([results], tmp_path / "rep")
+    assert "stream_sweep.png" in summary["files"] and (tmp_path / "rep" / "stream_sweep.png").stat().st_size > 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert 'id="stream-sweep"' in page and "stock-nf4-group" in page and "NVIDIA H200" in page
+    md = (tmp_path / "rep" / "results.md").read_text()
+    assert "| nf4 | 8 | 30 | 0.19 | 7.5 | stock-nf4-model | 0.3 | 1.58 |" in md

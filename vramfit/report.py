@@ -5,7 +5,9 @@ Writes into REPORT_DIR:
   memory-vs-latency chart (hover shows the recipe, Pareto front highlighted), the PNGs below embedded;
 * ``memory_latency.png``, ``bars.png`` -- matplotlib (Agg) plots for people who would rather look than read;
 * ``grid.png`` (``grid-2.png`` ...) -- every recipe's image for one prompt and seed, with its fidelity numbers;
-* ``blind.html`` -- "spot the quantized image": shuffled images of one prompt, each revealed on a click.
+* ``blind.html`` -- "spot the quantized image": shuffled images of one prompt, each revealed on a click;
+* with ``benchmarks/device_stream.py`` rows (stream.jsonl) among the inputs, an offload=stream budget sweep section
+  and ``stream_sweep.png`` (``vramfit.stream_report``); with only those, a report of that section alone.
 Everything is embedded (data URIs, inline script and style): no file or network access when opened.
 """
 
@@ -98,9 +100,12 @@ def pareto(points: list[tuple[float, float, int]]) -> list[int]:
 # loading
 
 
-def load(paths: list[Path]) -> tuple[list[dict], list[str]]:
-    """Rows of one or more results files; a scenario measured again (rerun into the same DIR) keeps its last row."""
+def load(paths: list[Path], stream_rows: list | None = None) -> tuple[list[dict], list[str]]:
+    """Rows of one or more results files; a scenario measured again (rerun into the same DIR) keeps its last row.
+    ``benchmarks/device_stream.py`` rows (schema vramfit.stream/1) go to ``stream_rows`` when a list is given."""
     from .bench import ROW_SCHEMA, read_rows
+    from .stream_report import SCHEMA as STREAM_SCHEMA
+    from .stream_report import is_stream_row
 
     rows: dict[str, dict] = {}
     notes, repeated, torn = [], {}, []
@@ -108,13 +113,17 @@ def load(paths: list[Path]) -> tuple[list[dict], list[str]]:
         if not p.is_file():
             raise InputError(f"{p}: no such results file (vramfit bench writes DIR/results.jsonl)")
         for r in read_rows(p, on_torn=lambda n, text, p=p: torn.append(f"{p.name} line {n}")):
+            if stream_rows is not None and is_stream_row(r):
+                stream_rows.append(r)
+                continue
             if r.get("schema") != ROW_SCHEMA:
-                raise InputError(f"{p}: a row with schema {r.get('schema')!r}; expected {ROW_SCHEMA}")
+                expected = ROW_SCHEMA + (f" or {STREAM_SCHEMA}" if stream_rows is not None else "")
+                raise InputError(f"{p}: a row with schema {r.get('schema')!r}; expected {expected}")
             r["_dir"] = str(p.parent)
             if r["scenario"] in rows:
                 repeated[r["scenario"]] = repeated.get(r["scenario"], 1) + 1
             rows[r["scenario"]] = r
-    if not rows:
+    if not rows and not stream_rows:
         raise InputError(f"no rows in {', '.join(map(str, paths))}")
     if repeated:  # one line, however many: the answer comes first, not forty of these
         notes.append(f"{len(repeated)} scenario(s) measured more than once; the last row of each is shown: "
@@ -617,9 +626,35 @@ def markdown_table(rows: list[dict], columns=MARKDOWN_COLUMNS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def make_stream_report(stream_rows: list[dict], out: Path, notes: list[str]) -> dict:
+    """A report of offload=stream rows alone (device_stream.py's stream.jsonl): the sweep table and chart."""
+    from . import stream_report
+
+    table = stream_report.sweep_table(stream_rows)
+    devices = sorted({(r.get("device") or {}).get("name") or (r.get("device") or {}).get("type")
+                      for r in stream_rows if r.get("device")})
+    model = "flux-tiny" if any(r.get("smoke") for r in stream_rows) else "flux-dev"
+    title = f"vramfit offload=stream: {model} (random weights) on {', '.join(devices) or 'no device'}"
+    png = out / "stream_sweep.png"
+    drawn = stream_report.plot_sweep(table, png, title)
+    body = stream_report.section_html(table, data_uri(png) if drawn else None) or (
+        "<p>No sweep rows measured in these files (every sweep row failed, was skipped or left out).</p>")
+    (out / "index.html").write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+                                    f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{body}"
+                                    + "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes) + "</body></html>")
+    (out / "results.md").write_text(f"# {title}\n\n" + (stream_report.markdown(table) or "No sweep rows.\n"))
+    files = ["index.html", "results.md"] + (["stream_sweep.png"] if drawn else [])
+    return {"schema": "vramfit.report/1", "out": str(out), "rows": len(stream_rows), "ok": len(table), "files": files}
+
+
 def make_report(paths: list[Path], out: Path) -> dict:
-    rows, notes = load(paths)
+    from . import stream_report
+
+    stream_rows: list[dict] = []
+    rows, notes = load(paths, stream_rows)
     out.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        return make_stream_report(stream_rows, out, notes)
     prov = provenance(rows)
     devices = ", ".join(prov["devices"]) or "no device"
     models = ", ".join(sorted({f"{r['model']} ({(r.get('weights') or {}).get('kind')} weights)" for r in rows}))
@@ -638,7 +673,15 @@ def make_report(paths: list[Path], out: Path) -> dict:
         image_grid(items, out / name, gtitle)
         pngs[f"Images: {gtitle}"] = out / name
     front = pareto_rows([r for r in charted])
-    (out / "index.html").write_text(index_html(rows, prov, [str(p) for p in paths], notes, pngs, title, front))
+    page = index_html(rows, prov, [str(p) for p in paths], notes, pngs, title, front)
+    sweep = stream_report.sweep_table(stream_rows)
+    if sweep:  # device_stream.py rows given beside the bench rows: the budget sweep as its own section
+        drawn = stream_report.plot_sweep(sweep, out / "stream_sweep.png", title)
+        if drawn:
+            pngs["offload=stream budget sweep"] = out / "stream_sweep.png"
+        page = page.replace("</body></html>", stream_report.section_html(
+            sweep, data_uri(out / "stream_sweep.png") if drawn else None) + "</body></html>")
+    (out / "index.html").write_text(page)
     random_weights = any((r.get("weights") or {}).get("kind") == "random" for r in rows)
     note = ("Random stand-in weights: these images are noise; differences are numerical error, not visual quality."
             if random_weights else "Real weights.")
@@ -647,7 +690,8 @@ def make_report(paths: list[Path], out: Path) -> dict:
     md_notes = "".join(f"\n{n}\n" for n in notes)
     (out / "results.md").write_text(f"# {title}\n\n## Pareto front (memory vs latency)\n\n"
                                     f"{markdown_table(front, [c[0] for c in _pareto_cols(front)])}\n"
-                                    f"## All rows\n{md_notes}\n{markdown_table(rows)}")
+                                    f"## All rows\n{md_notes}\n{markdown_table(rows)}"
+                                    + (f"\n{stream_report.markdown(sweep)}" if sweep else ""))
     written = ["index.html", "blind.html", "results.md", *(p.name for p in pngs.values())]
     return {"schema": "vramfit.report/1", "out": str(out), "rows": len(rows), "ok": len(ok), "files": written}
 
@@ -661,6 +705,7 @@ def cmd_report(args) -> int:
 
 def add_parser(sub) -> None:
     r = sub.add_parser("report", help="HTML + PNG report (offline) of bench results: table, charts, grids, blind test")
-    r.add_argument("results", nargs="+", help="DIR/results.jsonl written by vramfit bench (several are merged)")
+    r.add_argument("results", nargs="+", help="DIR/results.jsonl written by vramfit bench (several are merged), and/or "
+                   "stream.jsonl from benchmarks/device_stream.py (the offload=stream budget sweep section)")
     r.add_argument("--out", required=True, help="report directory (index.html, blind.html, PNGs)")
     r.set_defaults(func=cmd_report)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from .. import plan
 from ..recipe import Recipe
+from ..stream_report import is_stream_row
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the checkout: benchmarks/results lives beside vramfit/
 
@@ -168,13 +169,6 @@ def act_factors(backends, bench, transformer, vae_cal, shape_of):
 
 # ---- offload=stream rows (benchmarks/device_stream.py)
 STREAM_SCHEMA = "vramfit.stream/1"
-
-
-def is_stream_row(r: dict) -> bool:
-    """A benchmarks/device_stream.py row: the schema it writes from now on, or (the committed rows written before it
-    had one) its fields: a scenario dict and the command line that wrote it."""
-    return r.get("schema") == STREAM_SCHEMA or (isinstance(r.get("scenario"), dict)
-                                                and str(r.get("command", "")).startswith("device_stream.py"))
 
 
 def _why_not(r: dict) -> str | None:
