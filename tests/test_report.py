@@ -211,3 +211,21 @@ def test_stream_sweep_section_compares_each_budget_with_the_fastest_stock_row_th
     assert 'id="stream-sweep"' in page and "stock-nf4-group" in page and "NVIDIA H200" in page
     md = (tmp_path / "rep" / "results.md").read_text()
     assert "| nf4 | 8 | 30 | 0.19 | 7.5 | stock-nf4-model | 0.3 | 1.58 |" in md
+
+
+def test_stream_sweep_takes_checkpoint_loader_rows_as_uncapped_stock_and_capped_headline_rows_as_points():
+    from vramfit import stream_report
+
+    nf4 = "transformer=bnb-nf4,text_encoder_2=bnb-nf4"
+    headline = _stream_row("nf4-stream-3GB", f"{nf4},offload=stream:4", 0.205, 2.9, cap=3, k=4)  # no "sweep-" name
+    sweep8 = _stream_row("sweep-nf4-8GB", f"{nf4},offload=stream:30", 0.19, 7.5, cap=8, budget=8, value="nf4", k=30)
+    loader = {"at": "2026-12-02T01:30:00Z", "kind": "generate", "status": "ok", "name": "nf4", "offload": "model",
+              "weights": "dir", "recipe_run": f"{nf4},offload=model", "s_per_step_median": 0.19,
+              "peak_gb": 7.0, "peak_reserved_gb": 7.6}
+    too_big = {**loader, "weights": "random", "s_per_step_median": 0.18, "peak_reserved_gb": 11.2}
+    export = {"at": "2026-12-02T01:18:42Z", "kind": "export", "status": "ok"}
+    assert stream_report.is_loader_row(loader) and stream_report.is_loader_row(export)
+    assert not stream_report.is_loader_row(headline)
+    table = stream_report.sweep_table([headline, sweep8, loader, too_big, export])
+    assert [(e["budget_gb"], e["stock"]) for e in table] == [(3.0, None), (8.0, "loader:nf4:model:dir")]
+    assert table[1]["ratio"] == 1.0 and table[0]["ratio"] is None

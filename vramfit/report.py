@@ -105,7 +105,7 @@ def load(paths: list[Path], stream_rows: list | None = None) -> tuple[list[dict]
     ``benchmarks/device_stream.py`` rows (schema vramfit.stream/1) go to ``stream_rows`` when a list is given."""
     from .bench import ROW_SCHEMA, read_rows
     from .stream_report import SCHEMA as STREAM_SCHEMA
-    from .stream_report import is_stream_row
+    from .stream_report import is_loader_row, is_stream_row
 
     rows: dict[str, dict] = {}
     notes, repeated, torn = [], {}, []
@@ -113,7 +113,7 @@ def load(paths: list[Path], stream_rows: list | None = None) -> tuple[list[dict]
         if not p.is_file():
             raise InputError(f"{p}: no such results file (vramfit bench writes DIR/results.jsonl)")
         for r in read_rows(p, on_torn=lambda n, text, p=p: torn.append(f"{p.name} line {n}")):
-            if stream_rows is not None and is_stream_row(r):
+            if stream_rows is not None and (is_stream_row(r) or is_loader_row(r)):
                 stream_rows.append(r)
                 continue
             if r.get("schema") != ROW_SCHEMA:

@@ -2,8 +2,8 @@
 as a table and a chart -- per value and budget, streamed s/step beside the fastest *measured* stock row that fits
 the same budget, their ratio, and host memory against the goal (1.15 x the stored weight bytes + 2 GB).
 
-A stock row fits a budget when it ran capped at or below it, or, uncapped, when its measured peak (reserved) is
-within it. Stock = any row of the same transformer value whose offload is not ``stream`` (resident, model/group
+A stock row fits a budget when it ran capped at or below it, or, uncapped, when its measured peak (reserved,
+loading included) is within it; ``benchmarks/device_loader.py`` generate rows count as uncapped stock rows. Stock = any row of the same transformer value whose offload is not ``stream`` (resident, model/group
 offload, staged). Nothing is predicted here: a budget without a measured stock row that fits says so.
 """
 
@@ -52,25 +52,46 @@ def _stored_gb(row: dict):
     return None if gpu is None else round(gpu + (host or 0) / 1e9, 3)
 
 
+def is_loader_row(r: dict) -> bool:
+    """A benchmarks/device_loader.py row (checkpoint vs stand-in; `vramfit generate --json` summarised)."""
+    return r.get("kind") in ("generate", "code", "compare", "export", "export-gguf", "skipped", "diag") and "at" in r
+
+
+def _as_stock(r: dict) -> dict | None:
+    """A loader generate row in the shape of a stream row (recipe, median s/step, whole-run peak incl. loading)."""
+    if r.get("kind") != "generate" or r.get("status") != "ok" or not r.get("recipe_run"):
+        return None
+    return {"name": f"loader:{r.get('name')}:{r.get('offload')}:{r.get('weights')}", "recipe": r["recipe_run"],
+            "cap_gb": None, "timings": {"s_per_step_median": r.get("s_per_step_median")},
+            "memory": {"peak_reserved_gb": r.get("peak_reserved_gb"), "peak_allocated_gb": r.get("peak_gb")}}
+
+
 def measured(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if is_stream_row(r) and "error" not in r and "skipped" not in r
+    """Rows with a recipe and a measured s/step: device_stream rows, and device_loader generate rows as stock
+    candidates (uncapped: they fit a budget by their measured peak, loading included)."""
+    rows = [(_as_stock(r) if is_loader_row(r) else r) for r in rows]
+    return [r for r in rows if r is not None and "error" not in r and "skipped" not in r
             and r.get("recipe") and _s_per_step(r) is not None]
 
 
 def sweep_table(rows: list[dict]) -> list[dict]:
-    """One entry per sweep row (value, budget), in value then budget order."""
+    """One entry per (value, budget) measured streamed under a budget (sweep rows and the capped headline rows),
+    in value then budget order."""
     ok = measured(rows)
     stock = []
     for r in ok:
         rec = _recipe(r)
         if rec is not None and rec.offload_kind != "stream" and rec.transformer in VALUE_OF:
             stock.append((VALUE_OF[rec.transformer], r))
-    out = []
+    points: dict = {}  # (value, budget) -> the last streamed row measured under that budget
     for r in ok:
-        sc = r.get("scenario") or {}
-        if not str(r.get("name", "")).startswith("sweep-") or sc.get("budget_gb") is None:
+        rec, sc = _recipe(r), r.get("scenario") or {}
+        budget = sc.get("budget_gb", r.get("cap_gb"))
+        if rec is None or rec.offload_kind != "stream" or budget is None or rec.transformer not in VALUE_OF:
             continue
-        value, budget = sc.get("value"), float(sc["budget_gb"])
+        points[(VALUE_OF[rec.transformer], float(budget))] = r
+    out = []
+    for (value, budget), r in points.items():
         fits = [s for v, s in stock if v == value and (
             (s.get("cap_gb") is not None and s["cap_gb"] <= budget)
             or (s.get("cap_gb") is None and _peak(s) is not None and _peak(s) <= budget))]
