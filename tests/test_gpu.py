@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from vramfit import apply, cli, gguf_io, gguf_torch, models, quant
+from vramfit import apply, cli, gguf_io, gguf_torch, models, quant, stream
 from vramfit.recipe import OFFLOADS, Recipe
 from vramfit.run import Runner, request_for
 
@@ -181,8 +181,9 @@ def run_cell(ck: Checkpoints, value: str, offload: str, source: str, device: tor
     if source == "dir" and family in ("bnb", "torchao", "quanto"):
         if offload in ("staged", "stream"):  # component by component (each placed where its stage/executor wants)
             loads = {s["component"]: s for s in steps if s["step"] == "load"}
-            for c in recipe.quantized():
-                if offload == "stream" and c == "transformer":  # bf16 into host memory, quantized per block
+            for c, v in recipe.quantized().items():
+                if offload == "stream" and (c == "transformer" or stream.blockwise_from_host(v, c)):
+                    # bf16 into host memory, quantized per block
                     [qs] = [s for s in steps if s["step"] == "quantize" and s["component"] == c]
                     assert "quantize_streamed" in qs["api"] and qs["quantized_modules"], qs
                     continue
@@ -191,10 +192,9 @@ def run_cell(ck: Checkpoints, value: str, offload: str, source: str, device: tor
             [pq] = [s for s in steps if s["step"] == "pipeline-quantization"]
             assert pq["verified"] and set(pq["configs"]) == set(recipe.quantized())
     if offload == "stream" and device.type == "cuda":
-        from vramfit import stream
-
         on_gpu = [c for c, v in recipe.quantized().items()  # T5 quantized on load on the GPU, then parked
-                  if c == "text_encoder_2" and stream.load_device(v, device, c).type == "cuda"]
+                  if c == "text_encoder_2" and stream.load_device(v, device, c).type == "cuda"
+                  and not stream.blockwise_from_host(v, c)]
         if weights.kind == "dir" and not gguf_file:  # quantize-on-load: blocks parked before the next component
             parked = {s["component"] for s in steps if s["step"] == "stream-park"}
             assert set(on_gpu) <= parked, (on_gpu, parked)

@@ -448,27 +448,29 @@ def test_a_broken_bnb4_state_is_named_before_any_kernel_runs():
 
 
 def test_planner_counts_the_load_peak_of_a_checkpoint_under_stream():
-    # --weights DIR: quantize-on-load brings the whole quantized T5 onto the GPU before its blocks move out
-    # (apply.load_component -> stream.park_blocks); the transformer and the random stand-in are quantized block by
-    # block instead
+    # --weights DIR: a torchao T5 is quantized on load, whole on the GPU, before its blocks move out
+    # (apply.load_component -> stream.park_blocks); the transformer, an NF4 / quanto T5 (stream.blockwise_from_host)
+    # and the random stand-in are quantized block by block from host memory instead
     from vramfit.plan import Shape, predict
     from vramfit.plan.data import gpu_profile
 
     gpu = gpu_profile("h200")
     shape = Shape(1024, 1024, 28)
-    nf4 = Recipe.parse("transformer=bnb-nf4,text_encoder_2=bnb-nf4,offload=stream:0")
-    dir_ = predict("flux-dev", nf4, shape, gpu, weights_kind="dir")
-    rnd = predict("flux-dev", nf4, shape, gpu, weights_kind="random")
+    int8 = Recipe.parse("transformer=torchao-int8wo,text_encoder_2=torchao-int8wo,offload=stream:0")
+    dir_ = predict("flux-dev", int8, shape, gpu, weights_kind="dir")
+    rnd = predict("flux-dev", int8, shape, gpu, weights_kind="random")
     assert "load" not in rnd["stage_peak_gb"]
-    # the whole NF4 T5 (4.3 GB) sits on the GPU with everything resident while loading: above every run stage
+    # the whole int8 T5 (4.9 GB) sits on the GPU with everything resident while loading: above every run stage
     assert dir_["stage_peak_gb"]["load"] > max(dir_["weights_gb"]["text_encoder_2"], rnd["peak_vram_gb"])
     assert dir_["peak_vram_gb"] == max(dir_["stage_peak_gb"].values())
-    t5_bf16 = Recipe.parse("transformer=bnb-nf4,offload=stream:0")  # T5 bf16: loads into host memory
-    assert "load" not in predict("flux-dev", t5_bf16, shape, gpu, weights_kind="dir")["stage_peak_gb"]
+    for t5 in ("bnb-nf4", "quanto-int8", "bf16"):  # block by block from host memory: no load stage above the run
+        r = Recipe.parse(f"transformer=bnb-nf4,text_encoder_2={t5},offload=stream:0")
+        assert "load" not in predict("flux-dev", r, shape, gpu, weights_kind="dir")["stage_peak_gb"], t5
 
 
-@pytest.mark.parametrize("value", ["torchao-int8wo", "quanto-int8"])
-def test_checkpoint_stream_quantizes_the_transformer_block_by_block_and_matches_offload_none(tmp_path, value):
+@pytest.mark.parametrize("value,t5", [("torchao-int8wo", "bf16"), ("quanto-int8", "bf16"),
+                                      ("quanto-int8", "quanto-int8"), ("torchao-int8wo", "torchao-int8wo")])
+def test_checkpoint_stream_quantizes_the_transformer_block_by_block_and_matches_offload_none(tmp_path, value, t5):
     # --weights DIR + offload=stream: the transformer loads bf16 into host memory and is quantized one block at a
     # time (quantize-on-load would put the whole quantized transformer on the GPU); the image equals the
     # quantize-on-load run with offload=none
@@ -480,16 +482,22 @@ def test_checkpoint_stream_quantizes_the_transformer_block_by_block_and_matches_
     req = request_for(SPEC, "a red bicycle", steps=2, seed=3)
     out = {}
     for off in ("none", "stream:1"):
-        r = Runner(SPEC, w, Recipe.parse(f"transformer={value},offload={off}"), CPU, progress=False)
+        r = Runner(SPEC, w, Recipe.parse(f"transformer={value},text_encoder_2={t5},offload={off}"), CPU,
+                   progress=False)
         res = r.generate(req)
         out[off] = (res.latents, res.image.tobytes(), res.record["manifest"])
         r.close()
     assert torch.equal(out["none"][0], out["stream:1"][0]) and out["none"][1] == out["stream:1"][1]
     steps = out["stream:1"][2]
-    [load] = [s for s in steps if s["step"] == "load" and s["component"] == "transformer"]
-    assert "into host memory" in load["api"] and "quantized_classes" not in load
-    [q] = [s for s in steps if s["step"] == "quantize" and s["component"] == "transformer"]
-    assert "quantize_streamed" in q["api"] and q["quantized_modules"] > 0
+    blockwise = ["transformer"] + (["text_encoder_2"] if stream.blockwise_from_host(t5, "text_encoder_2") else [])
+    for c in blockwise:
+        [load] = [s for s in steps if s["step"] == "load" and s["component"] == c]
+        assert "into host memory" in load["api"] and "quantized_classes" not in load
+        [q] = [s for s in steps if s["step"] == "quantize" and s["component"] == c]
+        assert "quantize_streamed" in q["api"] and q["quantized_modules"] > 0
+    if t5 == "torchao-int8wo":  # torchao T5 keeps quantize-on-load (transformers also quantizes its `wo`)
+        [load] = [s for s in steps if s["step"] == "load" and s["component"] == "text_encoder_2"]
+        assert "quantization_config=" in load["api"] and load.get("quantized_classes")
     none_load = [s for s in out["none"][2] if s["step"] in ("load", "pipeline-quantization")]
     assert any("PipelineQuantizationConfig" in s.get("api", "") for s in none_load)  # the other path, really
 

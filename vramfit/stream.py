@@ -781,6 +781,23 @@ def attach(root: torch.nn.Module, component: str, device, k: int, slots: int = D
 DEVICE_QUANTIZED = ("bnb", "torchao", "quanto")
 
 
+# T5 from a checkpoint under offload=stream: the block-by-block quantizer gives the layers quantize-on-load gives for
+# these families (memory equal to 0.1 % on the H200, 2026-12-01); transformers' TorchAoConfig also quantizes T5's
+# `wo`, which the in-memory quantizer keeps in bf16 (1.0-1.5 GB apart), so torchao T5 keeps quantize-on-load
+BLOCKWISE_FROM_HOST = {"transformer": ("bnb", "torchao", "quanto"), "text_encoder_2": ("bnb", "quanto")}
+
+
+def blockwise_from_host(value: str, component: str) -> bool:
+    """True when a checkpoint's component is loaded in bf16 into host memory and quantized one block at a time on
+    the device under offload=stream (never whole on the GPU), rather than quantized on load and then parked."""
+    from . import quant
+    from .recipe import PRECISIONS
+
+    if value in PRECISIONS or component not in BLOCKWISE_FROM_HOST:
+        return False
+    return quant.get_spec(value).family in BLOCKWISE_FROM_HOST[component]
+
+
 def load_device(value: str, device, component: str) -> torch.device:
     """Where a component loads under ``offload=stream``. CLIP and the VAE are small (0.25 + 0.17 GB in bf16):
     resident, on the device. The streamed components (transformer, T5): bf16, fp8 layerwise casting (an exact cast)

@@ -111,17 +111,18 @@ def stream_stage_peaks(model: str, recipe, shape: Shape, k: int) -> dict[str, fl
 
 
 def stream_load_peak_gb(model: str, recipe, k: int) -> float:
-    """GB on the GPU while loading ``--weights hub|DIR`` under offload=stream: T5 quantized by a backend that
-    quantizes on the GPU (bitsandbytes, torchao, quanto: ``stream.load_device``) arrives whole there by
-    quantize-on-load (transformers' path); its blocks then move to host memory (``stream.park_blocks``) before the
-    transformer loads, which is quantized block by block (``apply._load_transformer_streamed``). So the load peak is
-    everything resident + T5's streamed blocks. 0 when T5 loads into host memory (bf16, fp8 layerwise) -- and
-    always for the random stand-in, quantized block by block."""
+    """GB on the GPU while loading ``--weights hub|DIR`` under offload=stream: T5 quantized by torchao arrives whole
+    there by quantize-on-load (transformers' path, which also quantizes T5's ``wo``); its blocks then move to host
+    memory (``stream.park_blocks``) before the transformer loads. So the load peak is everything resident + T5's
+    streamed blocks. 0 when T5 loads into host memory: bf16, fp8 layerwise, and bitsandbytes / quanto, quantized
+    block by block from host memory like the transformer (``stream.blockwise_from_host``) -- and always for the
+    random stand-in."""
     from .. import stream
 
     split = stream_split(model, recipe, k)
     on_gpu = [sum(bl) for c, (_, bl) in split.items()
-              if c != "transformer" and stream.load_device(getattr(recipe, c), "cuda", c).type == "cuda"]
+              if c != "transformer" and stream.load_device(getattr(recipe, c), "cuda", c).type == "cuda"
+              and not stream.blockwise_from_host(getattr(recipe, c), c)]
     if not on_gpu:
         return 0.0
     return (_stream_resident(model, recipe, split) + max(on_gpu)) / GB
