@@ -357,7 +357,9 @@ def child(sc: dict, smoke: bool) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-s", type=float, default=600.0, help="wall-clock budget for all scenarios")
-    ap.add_argument("--only", default="", help="comma-separated scenario names")
+    ap.add_argument("--only", default=os.environ.get("VRAMFIT_STREAM_ONLY", ""),
+                    help="comma-separated scenario names (default: $VRAMFIT_STREAM_ONLY, as device_round.sh passes "
+                         "only --budget-s)")
     ap.add_argument("--smoke", action="store_true", help="flux-tiny on CPU, no caps: checks the logic")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
