@@ -326,6 +326,7 @@ def run_bench(files: list[str], out: Path, device: str, only=None, skip=None, ma
     started = time.time()
     try:
         for s in todo:
+            _check_stop()
             started = time.time()
             row = skipped_row(s) if s.skip else run_scenario(s, out, device, s.timeout or max_seconds)
             append(row)
@@ -513,6 +514,29 @@ def _die_with_parent() -> None:
         pass
 
 
+# the SIGTERM cmd_bench received (its handler raises SystemExit; a SystemExit raised while a finalizer runs is
+# swallowed by Python, so the wait loop and the scenario loop also check this flag)
+_STOP: dict = {"signum": None}
+
+
+def _check_stop() -> None:
+    if _STOP["signum"] is not None:
+        raise SystemExit(128 + _STOP["signum"])
+
+
+def _wait_child(proc, timeout: float | None) -> int:
+    """``proc.wait(timeout)`` in short slices, so that a stop request is seen within half a second."""
+    deadline = None if timeout is None else time.time() + timeout
+    while True:
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        try:
+            return proc.wait(timeout=0.5 if left is None else min(0.5, left))
+        except subprocess.TimeoutExpired:
+            _check_stop()
+
+
 def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> dict:
     log = out / "logs" / f"{safe_name(s.name)}.log"
     row_path = out / "logs" / f"{safe_name(s.name)}.row.json"
@@ -530,7 +554,7 @@ def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> 
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 preexec_fn=_die_with_parent)
         try:
-            code = proc.wait(timeout=timeout)
+            code = _wait_child(proc, timeout)
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
@@ -846,6 +870,7 @@ def cmd_bench(args) -> int:
         raise InputError(f"--device {args.device!r}: auto | cpu | cuda | cuda:N")
 
     def on_term(signum, frame):  # SIGTERM as SystemExit: run_scenario's finally kills the running child
+        _STOP["signum"] = signum
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
