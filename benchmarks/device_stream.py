@@ -263,25 +263,22 @@ def child_sweep(sc: dict, smoke: bool) -> dict:
                 torch.cuda.empty_cache()
             row.update(_cap(None if smoke else gb))
             t0 = time.perf_counter()
-            mem = measure.Memory(device) if hasattr(measure, "Memory") else None
+            mem = measure.Memory(device)
             if runner is None:
                 runner = Runner(spec, models.resolve_weights(spec, "random"), recipe, device, progress=False)
                 runner.load()
             else:
-                if mem is not None:
-                    mem.reset_peak()
+                mem.reset_peak()
                 pipe = runner.pipe
                 pipe._vramfit_stream["transformer"].detach()
-                ex = stream.attach(pipe.transformer, "transformer", device, k)
-                ex.release()  # its ring is allocated at the first streamed block, as apply_stream leaves it
-                pipe._vramfit_stream["transformer"] = ex
+                pipe._vramfit_stream["transformer"] = stream.attach(pipe.transformer, "transformer", device, k)
                 if recipe.vae_decode == "tiling":
                     pipe.vae.enable_tiling()
                     runtime.set_vae_tiles(pipe.vae)
                 else:
                     pipe.vae.disable_tiling()
                 gc.collect()
-            attach = mem.peak() if mem is not None and last is not None else {}
+            attach = mem.peak() if last is not None else {}
             row["attach_s"] = round(time.perf_counter() - t0, 2)
             row["host_rss_after_attach_gb"] = measure.host_rss_gb().get("rss_gb")
             rec = runner.generate(req).record

@@ -46,6 +46,16 @@ def forward(m, seed=0):
         return m(**inputs(seed))[0].float()
 
 
+def assert_same_outputs(component, a, b):
+    """The transformer (one forward) or T5 (12 token ids) gives bit-identical outputs in ``a`` and ``b``."""
+    if component == "transformer":
+        assert torch.equal(forward(a), forward(b))
+    else:
+        ids = torch.arange(12).unsqueeze(0)
+        with torch.no_grad():
+            assert torch.equal(a(ids).last_hidden_state, b(ids).last_hidden_state)
+
+
 @pytest.mark.parametrize("value", BACKENDS)
 def test_streamed_output_is_bit_identical_and_uses_the_slots(value):
     ref_model = tiny(value)
@@ -209,12 +219,8 @@ def test_blockwise_quantization_gives_the_resident_bytes(value):
         entry = stream.quantize_streamed(b, component, value, "cpu")
         assert quant.quantized_classes(a) == quant.quantized_classes(b) == entry["classes"]
         assert quant.weight_bytes(a) == entry["weight_bytes"]
-        if component == "transformer":
-            assert torch.equal(forward(a), forward(b))
-        else:
-            ids = torch.arange(12).unsqueeze(0)
-            with torch.no_grad():
-                assert torch.equal(a(ids).last_hidden_state, b(ids).last_hidden_state)
+        assert_same_outputs(component, a, b)
+        if component == "text_encoder_2":
             wo = [m for n, m in b.named_modules() if n.endswith("DenseReluDense.wo")]
             assert wo and all(type(m) is torch.nn.Linear for m in wo)
 
@@ -267,12 +273,7 @@ def test_stand_in_quantized_while_drawn_holds_one_bf16_block(value):
         [load] = [s for s in m.steps if s["step"] == "load"]
         assert load["built"].startswith("block by block") and load["params"] == sum(
             p.numel() for p in models.empty_component(SPEC, component, torch.bfloat16).parameters())
-        if component == "transformer":
-            assert torch.equal(forward(whole), forward(drawn))
-        else:
-            ids = torch.arange(12).unsqueeze(0)
-            with torch.no_grad():
-                assert torch.equal(whole(ids).last_hidden_state, drawn(ids).last_hidden_state)
+        assert_same_outputs(component, whole, drawn)
 
 
 @pytest.mark.gpu

@@ -386,30 +386,21 @@ def _load_gguf(spec: ModelSpec, gguf_file: str, value: str, device, manifest: Ma
 def _build_random_streamed(spec: ModelSpec, weights: Weights, component: str, value: str, dtype, device,
                            manifest: Manifest) -> torch.nn.Module:
     """The random stand-in for ``offload=stream``, quantized block by block while it is drawn
-    (``stream.StreamedQuantizer`` as ``models.materialize_random``'s ``unit_done``): the same values and bytes as
-    building it whole and then quantizing it per block, with one bf16 block in host memory at a time."""
+    (``stream.StreamedQuantizer.block_done`` as ``models.materialize_random``'s ``unit_done``): the same values and
+    bytes as building it whole and then quantizing it per block, with one bf16 block in host memory at a time."""
     from . import stream
 
-    meta = models.empty_component(spec, component, dtype)
-    params = sum(p.numel() for p in meta.parameters())
-    bf16_bytes = sum(p.numel() * p.element_size() for p in meta.parameters())
-    names = [f"{lname}.{i}" for lname in stream.BLOCK_LISTS[component] for i in range(len(meta.get_submodule(lname)))]
-    del meta
-    holder: dict = {}
-
-    def unit_done(model, name):
-        if "q" not in holder:
-            holder["q"] = stream.StreamedQuantizer(model, component, value, device)
-        holder["q"].block_done(name)
-
+    module = models.empty_component(spec, component, dtype)
+    params = sum(p.numel() for p in module.parameters())
+    bf16_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    q = stream.StreamedQuantizer(module, component, value, device)
     cpu = torch.device("cpu")
-    module = models.build_random_component(spec, component, weights.seed, cpu, dtype, units=names,
-                                           unit_done=unit_done)
+    models.materialize_random(module, models.component_seed(weights.seed, component), cpu, dtype, units=q.blocks,
+                              unit_done=q.block_done)
     manifest.add("load", component=component, source=f"random seed={weights.seed}", dtype=str(dtype),
                  device=str(cpu), generated_on=str(models.random_generation_device(cpu)), **{"class": type(module).__name__},
                  params=params, weight_bytes=bf16_bytes,
                  built="block by block, each block quantized and parked as soon as it is drawn")
-    q = holder.get("q") or stream.StreamedQuantizer(module, component, value, device)
     entry = q.finish()
     manifest.add(**{"component": component, **entry})
     return module

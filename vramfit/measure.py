@@ -67,7 +67,7 @@ def host_rss_gb() -> dict:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                key = _RSS_KEYS.get(line.split(" ", 1)[0].split("\t", 1)[0])
+                key = _RSS_KEYS.get(line.split(maxsplit=1)[0]) if line.strip() else None
                 if key:
                     out[key] = round(int(line.split()[1]) * 1024 / GB, 3)
     except OSError:

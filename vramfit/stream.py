@@ -766,8 +766,12 @@ def _find_blocks(root: torch.nn.Module, component: str) -> list:
 
 def attach(root: torch.nn.Module, component: str, device, k: int, slots: int = DEFAULT_SLOTS,
            trace: bool = False) -> BlockStream:
+    """The executor for ``root``'s blocks. Its ring holds no device memory yet: it is allocated at the first streamed
+    block and freed after the stage (``release``), so no ring sits beside another stage's (H200, bf16 stream:0: the
+    transformer's 1.36 GB ring allocated at attach sat beside T5's during encode and set the 3.23 GB peak)."""
     ex = BlockStream(component, root, torch.device(device), k, slots, trace)
     ex.info = ex.attach()
+    ex.release()
     root._vramfit_stream = ex
     return ex
 
@@ -866,8 +870,8 @@ class StreamedQuantizer:
         self.module, self.component, self.value = module, component, value
         self.device = torch.device(device)
         self.skip = quant._not_convert_keys(module)
-        self.blocks = {f"{lname}.{i}": (lname, i) for lname in BLOCK_LISTS[component]
-                       for i in range(len(module.get_submodule(lname)))}
+        self.blocks = [f"{lname}.{i}" for lname in BLOCK_LISTS[component]
+                       for i in range(len(module.get_submodule(lname)))]
         self.done: set = set()
 
     def block_done(self, name: str) -> None:
@@ -951,11 +955,6 @@ def apply_stream(pipe, recipe, device, manifest, k: int | None = None, slots: in
         module = getattr(pipe, component, None)
         if module is not None:
             _to_device(module, device, set())
-    # no ring holds device memory before its own stage: each is allocated at its component's first streamed block
-    # and freed after its stage (H200, bf16 stream:0: with both rings allocated at attach, the transformer's 1.36 GB
-    # ring sat beside T5's during encode and set the 3.23 GB peak)
-    for ex in executors.values():
-        ex.release()
     proxies = {c: sum(isinstance(m, StreamedBlock) for m in getattr(pipe, c).modules()) for c in executors}
     ok = all(proxies[c] == executors[c].info["streamed"] for c in executors)
     entry = manifest.add(

@@ -282,15 +282,15 @@ def materialize_random(module: torch.nn.Module, seed: int, device: torch.device,
         unit_done(current)
 
 
-def build_random_component(spec: ModelSpec, component: str, seed: int, device, dtype, units=(),
-                           unit_done=None) -> torch.nn.Module:
-    """The stand-in component, seeded; ``units``/``unit_done`` as in ``materialize_random`` (``unit_done(model,
-    name)`` here, as the caller does not hold the model yet)."""
+def component_seed(seed: int, component: str) -> int:
+    """The generator seed of one component of the stand-in with weights seed ``seed``."""
+    return seed * 100 + _COMPONENT_SEED_OFFSET[component]
+
+
+def build_random_component(spec: ModelSpec, component: str, seed: int, device, dtype) -> torch.nn.Module:
     device = torch.device(device)
     model = empty_component(spec, component, dtype)
-    done = (lambda name: unit_done(model, name)) if unit_done is not None else None
-    materialize_random(model, seed * 100 + _COMPONENT_SEED_OFFSET[component], device, dtype, units=units,
-                       unit_done=done)
+    materialize_random(model, component_seed(seed, component), device, dtype)
     return model
 
 
