@@ -24,6 +24,7 @@ logic itself is tested everywhere.
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,15 @@ def matrix_values(sharded: bool = True) -> list[str]:
             continue
         out.append(value)
     i, n = shard() if sharded else (0, 1)
-    return [v for k, v in enumerate(out) if k % n == i]
+    if n == 1:
+        return out
+    # balanced by cell count (longest first onto the least-loaded shard): an index-mod-n split left two of four
+    # shards with twice the cells of the others on the H200 (2026-12-02), and they ran out of time
+    load, owner = [0] * n, {}
+    for v in sorted(out, key=lambda v: -sum(1 for o in OFFLOADS if allowed(v, o, "cuda"))):
+        k = min(range(n), key=lambda j: load[j])
+        owner[v], load[k] = k, load[k] + sum(1 for o in OFFLOADS if allowed(v, o, "cuda"))
+    return [v for v in out if owner[v] == i]
 
 
 not_first_shard = pytest.mark.skipif(shard()[0] != 0, reason="VRAMFIT_MATRIX_SHARD: runs in shard 0")
@@ -211,14 +220,16 @@ def run_cell(ck: Checkpoints, value: str, offload: str, source: str, device: tor
 
 def record(value, offload, source, fn):
     key = f"{value}|{offload}|{source}"
+    t0 = time.perf_counter()
     try:
         info = fn()
     except BaseException as e:  # noqa: BLE001 - counted, then re-raised so pytest reports it
         RESULTS[key] = {"value": value, "offload": offload, "source": source, "ok": False,
-                        "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                        "wall_s": round(time.perf_counter() - t0, 2), "error": f"{type(e).__name__}: {str(e)[:300]}"}
         _append(RESULTS[key])
         raise
-    RESULTS[key] = {"value": value, "offload": offload, "source": source, "ok": True, **info}
+    RESULTS[key] = {"value": value, "offload": offload, "source": source, "ok": True,
+                    "wall_s": round(time.perf_counter() - t0, 2), **info}
     _append(RESULTS[key])
 
 
