@@ -50,7 +50,7 @@ class Server:
     def __init__(self, args: list[str], log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p), "TOKENIZERS_PARALLELISM": "false"}
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "vramfit.cli", "serve", "--port", str(self.port), *args],
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -196,6 +196,8 @@ def main() -> int:
 
     scenarios = [("batch-on", ["--recipe", "", "--max-batch", "4"]), ("batch-off", ["--recipe", "", "--max-batch", "1"]),
                  ("vram-12gb", vram_args + ["--max-batch", "4"])]
+    only = {x for x in os.environ.get("VRAMFIT_SERVE_ONLY", "").split(",") if x}  # say vram-12gb: one scenario again
+    scenarios = [s for s in scenarios if not only or s[0] in only]
     for name, sargs in scenarios:
         if left() < 30:
             emit({"scenario": name, "error": f"not run: --budget-s {args.budget_s:.0f} spent"})
@@ -216,6 +218,12 @@ def main() -> int:
                                                for s in st["stages"].values()), default=None),
                       "peak_load_reserved_gb": max(((s["memory"].get("load_peak") or {}).get("peak_reserved_gb", 0)
                                                     for s in st["stages"].values()), default=None),
+                      # the budget holds the stage processes together: each one's peak (load or run), summed
+                      "sum_stage_peak_reserved_gb": round(sum(max((s["memory"].get(k) or {}).get("peak_reserved_gb", 0)
+                                                                  for k in ("load_peak", "run_peak"))
+                                                              for s in st["stages"].values()), 3),
+                      "denoise_mean_batch": round(st["stages"]["denoise"]["items"] / st["stages"]["denoise"]["runs"], 2)
+                      if st["stages"]["denoise"]["runs"] else None, "batch_cap": st.get("batch_cap"),
                       "budget_gb": 12.0, "memory_fraction": st["plan"].get("memory_fraction"),
                       "stages": stage_summary(st)})
                 continue
@@ -284,12 +292,16 @@ def main() -> int:
     for r in rows:
         if "concurrency" in r and "images_per_s" in r:
             print(f"{r['scenario']:<13} {r['concurrency']:>4}  {r['images_per_s'] or 0:>8.3f}  {r['p50_s'] or 0:>6.2f}"
-                  f"  {r['p95_s'] or 0:>6.2f}   {r.get('denoise_mean_batch') or 0:>10.2f}  "
-                  f"{r.get('pipelined_vs_bottleneck') or 0:>6.2f}")
+                  f"  {r['p95_s'] or 0:>6.2f}   {_num(r.get('denoise_mean_batch')):>10}  "
+                  f"{_num(r.get('pipelined_vs_bottleneck')):>6}")
         elif "error" in r:
             print(f"{r['scenario']:<13} error: {r['error'][:100]}")
     print(f"rows: {rows_path}")
     return 0
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 if __name__ == "__main__":

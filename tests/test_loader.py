@@ -118,6 +118,12 @@ def test_quantize_on_load_onto_a_gpu_lands_each_weight_there():
     int4 = {"transformer": quant.quantization_config("torchao-int4wo", "transformer")}
     assert apply.pipeline_device_map(Recipe.parse("transformer=torchao-int4wo,offload=model"), dev, int4) == "cuda"
     assert apply.pipeline_device_map(nf, CPU, {}) is None
+    # fp8 layerwise casting runs after loading: into host memory, cast, then placed (never bf16 whole on the GPU)
+    for r in ("transformer=fp8-layerwise", "transformer=fp8-layerwise-e5m2,text_encoder_2=torchao-int8wo"):
+        assert apply.pipeline_device_map(Recipe.parse(r), dev, {}) is None, r
+    mixed = Recipe.parse("transformer=fp8-layerwise,text_encoder_2=torchao-int4wo")
+    assert apply.pipeline_device_map(mixed, dev, {"text_encoder_2": quant.quantization_config(
+        "torchao-int4wo", "text_encoder_2")}) == "cuda"  # a CUDA-only quantizer still needs the device
 
 
 @pytest.mark.parametrize("method,want", [("quanto", None), ("torchao", "cuda"), (None, "cuda")])

@@ -374,6 +374,30 @@ def test_injected_oom_falls_back_and_returns_200(srv_a):
     assert st["decode"]["recipe"]["vae_decode"] == "tiling"  # the decode stage's smaller-memory recipe
 
 
+def test_oom_in_a_batch_halves_it_and_lowers_the_stage_cap(srv_a):
+    """A denoise batch of 2 (one request, n=2) out of memory runs as 1 + 1, both images as they are alone, and the
+    stage takes no batch above 1 after it (the H200 under --vram 12GB ran out three times at the planner's 2)."""
+    assert srv_a.status()["batch_cap"]["denoise"] == 4
+    recipe_before = srv_a.status()["stages"]["denoise"]["recipe_index"]
+    # a first request holds denoise (delay) while the n=2 one queues behind it, so its two items form one batch
+    srv_a.post("/v1/_faults", {"stage": "denoise", "kind": "delay", "count": 1, "seconds": 4})
+    srv_a.post("/v1/_faults", {"stage": "denoise", "kind": "oom", "count": 1})
+    first: dict = {}
+    t = threading.Thread(target=lambda: first.update(r=srv_a.post("/v1/images/generations", body(seed=40))))
+    t.start()
+    time.sleep(1.5)
+    r = srv_a.post("/v1/images/generations", body("two at once", seed=41, n=2))
+    t.join(CALL_TIMEOUT_S)
+    assert first["r"].status_code == 200 and r.status_code == 200, r.text
+    for i, d in enumerate(r.json()["data"]):
+        assert np.array_equal(pixels(d["b64_json"]), reference("two at once", 41 + i))
+    st = srv_a.status()
+    assert st["stages"]["denoise"]["last_batch"] == 1 and st["stages"]["denoise"]["recipe_index"] == recipe_before
+    assert st["batch_cap"]["denoise"] == 1  # halved from the batch of 2 that ran out; no recipe fallback needed
+    srv_a.post("/v1/_faults", {"stage": "denoise", "kind": "clear"})
+    assert srv_a.status()["batch_cap"]["denoise"] == 4
+
+
 def test_oom_after_every_fallback_is_503(srv_a):
     srv_a.post("/v1/_faults", {"stage": "encode", "kind": "oom", "count": 5})
     r = srv_a.post("/v1/images/generations", body("never", seed=1))

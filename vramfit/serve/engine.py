@@ -299,6 +299,9 @@ class Engine:
         self.queues = {"encode": BatchQueue(10**9), "denoise": BatchQueue(max(2, 2 * self.max_batch)),
                        "decode": BatchQueue(max(2, 2 * self.max_batch))}
         self.previews: deque = deque()
+        # the largest batch a stage may take: --max-batch, lowered to half a batch that ran out of memory (the
+        # H200 under --vram 12GB ran out at the planner's batch of 2 three times before this was remembered)
+        self.batch_cap = {s: self.max_batch for s in STAGES}
         self.busy = {s: False for s in STAGES}
         self.last_used = {s: time.time() for s in STAGES}
         self.load_history: dict[str, list[float]] = {s: [] for s in STAGES}
@@ -424,8 +427,9 @@ class Engine:
 
     def add_fault(self, stage: str, kind: str, count: int = 1, seconds: float = 1.0) -> None:
         with self.lock:
-            if kind == "clear":
+            if kind == "clear":  # and what the faults taught: the batch cap goes back to --max-batch
                 self.faults[stage] = []
+                self.batch_cap[stage] = self.max_batch
             else:
                 self.faults[stage] += [{"kind": kind, "seconds": seconds}] * count
 
@@ -522,8 +526,9 @@ class Engine:
             self.last_used[stage] = time.time()
 
     def _on_oom(self, stage, items, on_event, err):
-        if len(items) > 1:  # a smaller batch first
+        if len(items) > 1:  # a smaller batch first, and no batch this large again
             half = len(items) // 2
+            self.batch_cap[stage] = min(self.batch_cap[stage], max(1, half))
             log.warning("stage %s out of memory with a batch of %d: retrying as %d + %d", stage, len(items),
                         half, len(items) - half)
             outs: list = []
@@ -624,7 +629,7 @@ class Engine:
     def _denoise_loop(self):
         q = self.queues["denoise"]
         while not self.stop_evt.is_set():
-            batch = q.take(self.max_batch, key=lambda it: denoise_key(it.stage_input("denoise")))
+            batch = q.take(self.batch_cap["denoise"], key=lambda it: denoise_key(it.stage_input("denoise")))
             batch = [it for it in batch if not it.job.finished]
             if not batch:
                 continue
@@ -645,7 +650,7 @@ class Engine:
 
         while not self.stop_evt.is_set():
             previews()
-            batch = q.take(self.max_batch, timeout=0.05)
+            batch = q.take(self.batch_cap["decode"], timeout=0.05)
             batch = [it for it in batch if not it.job.finished]
             if not batch:
                 continue
@@ -676,8 +681,11 @@ class Engine:
             for it in items:
                 groups.setdefault(denoise_key(it.stage_input("denoise")), []).append(it)
             for group in groups.values():
-                for k in range(0, len(group), self.max_batch):
-                    batch = [it for it in group[k:k + self.max_batch] if not it.job.finished]
+                k = 0
+                while k < len(group):  # the cap read per batch: an out-of-memory lowers it for the next one
+                    n = self.batch_cap["denoise"]
+                    batch = [it for it in group[k:k + n] if not it.job.finished]
+                    k += n
                     if batch:
                         self.run_stage("denoise", batch, self._denoise_events(batch))
             self._unload(w, "denoise")
@@ -751,6 +759,6 @@ class Engine:
                       "queued": states.count("queued"), "encode": states.count("encode"),
                       "denoise": states.count("denoise"), "decode": states.count("decode"),
                       "denoise_queue": len(self.queues["denoise"]), "decode_queue": len(self.queues["decode"])},
-            "max_batch": self.max_batch, "idle_unload_s": self.idle_unload, "draining": self.draining,
+            "max_batch": self.max_batch, "batch_cap": dict(self.batch_cap), "idle_unload_s": self.idle_unload, "draining": self.draining,
             "uptime_s": round(time.time() - self.started, 1), "pid": os.getpid(),
         }
