@@ -86,6 +86,31 @@ def test_serve_plan_mode_from_the_budget():
         serve_plan(_args(vram="2GB", gpu="h200"), spec, w, cuda)
 
 
+def test_pipelined_stage_caps_hold_the_batch_the_server_takes():
+    """--vram 12GB on the H200 (2026-12-02): pipelined, the planner allowed batches of 2 while the stage caps were
+    split from the batch-1 prediction; denoise ran out of memory at every batch of 2. The batch the server takes
+    now has stage needs that fit the budget together, and the caps are split from that batch's prediction."""
+    import torch
+
+    from vramfit import models
+    from vramfit.serve.cli import CUDA_CONTEXT_GB, serve_plan, stage_fractions, stage_needs
+
+    spec = models.get_model("flux-dev")
+    w = models.resolve_weights(spec, "random")
+    cuda = torch.device("cuda")
+    for vram in ("12GB", "24GB", "80GB"):
+        _, mode, rec, _ = serve_plan(_args(vram=vram, gpu="h200"), spec, w, cuda)
+        if mode != "pipelined":
+            continue
+        pred = rec["predicted_at_max_batch"] or rec["predicted"]
+        budget = float(vram.removesuffix("GB"))
+        assert sum(stage_needs(pred).values()) <= budget - 3 * CUDA_CONTEXT_GB, (vram, rec["max_batch"])
+        caps = stage_fractions(pred, budget, 140.0)
+        need = stage_needs(pred)
+        assert all(caps[s] * 140.0 >= need[s] - 1e-9 for s in need), (vram, caps, need)  # each stage gets its need
+        assert sum(caps.values()) * 140.0 <= budget - 3 * CUDA_CONTEXT_GB + 1e-9
+
+
 def test_serve_plan_from_a_recipe():
     import torch
 

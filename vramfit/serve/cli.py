@@ -113,35 +113,52 @@ def serve_plan(args, spec, weights, device):
     rest = [x for x in fitting[1:] if x[1]["predicted"]["peak_vram_gb"] < peak
             and (x[0].offload == "none") == (mode == "pipelined")]
     recipes = [chosen] + [r for r, _ in rest[:4]]
+    # micro-batches only as large as the planner predicts fit (the batch scales the activation peaks)
+    cal = plan.calibration()["budget"]
+    extra = 2 * CUDA_CONTEXT_GB if mode == "pipelined" else 0.0
+    max_batch, pred = args.max_batch, row["predicted"]
+    while max_batch > 1:
+        pb = plan.predict(spec.name, chosen, plan.Shape(h, w, shape.steps, max_batch, shape.text_tokens),
+                          prof, weights.kind)
+        fits = pb["peak_vram_gb"] * (1 + cal["margin"]) + cal["reserve_gb"] + extra <= budget
+        if fits and mode == "pipelined":
+            # three processes each hold their own stage's peak: together they must fit what the caps split
+            fits = sum(stage_needs(pb).values()) <= budget - 3 * CUDA_CONTEXT_GB
+        if fits:
+            pred = pb
+            break
+        max_batch -= 1
     fractions = {}
     if device.type == "cuda" and args.cap_memory == "auto":
         import torch
 
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        if mode == "stage-batch":
-            fractions["all"] = min(1.0, budget / total)
-        else:
-            pr = row["predicted"]
-            wsum = sum(pr["weights_gb"].values())
-            comps = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("transformer",), "decode": ("vae",)}
-            need = {s: sum(pr["weights_gb"][c] for c in cs) + max(0.0, pr["stage_peak_gb"][s] - wsum)
-                    for s, cs in comps.items()}
-            usable = budget - 3 * CUDA_CONTEXT_GB
-            fractions = {s: min(1.0, usable * need[s] / sum(need.values()) / total) for s in comps}
-    # micro-batches only as large as the planner predicts fit (the batch scales the activation peaks)
-    cal = plan.calibration()["budget"]
-    extra = 2 * CUDA_CONTEXT_GB if mode == "pipelined" else 0.0
-    max_batch = args.max_batch
-    while max_batch > 1:
-        pb = plan.predict(spec.name, chosen, plan.Shape(h, w, shape.steps, max_batch, shape.text_tokens),
-                          prof, weights.kind)
-        if pb["peak_vram_gb"] * (1 + cal["margin"]) + cal["reserve_gb"] + extra <= budget:
-            break
-        max_batch -= 1
+        fractions = ({"all": min(1.0, budget / total)} if mode == "stage-batch"
+                     else stage_fractions(pred, budget, total))
     record = {"source": "--vram", "budget_vram_gb": round(budget, 3), "max_batch": max_batch, "gpu": prof["profile"], "chosen": str(chosen),
-              "mode": mode, "predicted": row["predicted"], "fallbacks": [str(r) for r in recipes[1:]],
+              "mode": mode, "predicted": row["predicted"],
+              "predicted_at_max_batch": pred if max_batch > 1 else None, "fallbacks": [str(r) for r in recipes[1:]],
               "memory_fraction": fractions, "calibration": p["calibration"]}
     return recipes, mode, record, fractions
+
+
+def stage_needs(pred: dict) -> dict:
+    """What each pipelined stage worker needs on the GPU (GB): its weights plus its activations above all weights,
+    from ``plan.predict`` at the batch the server will take."""
+    wsum = sum(pred["weights_gb"].values())
+    comps = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("transformer",), "decode": ("vae",)}
+    return {s: sum(pred["weights_gb"][c] for c in cs) + max(0.0, pred["stage_peak_gb"][s] - wsum)
+            for s, cs in comps.items()}
+
+
+def stage_fractions(pred: dict, budget_gb: float, total_gb: float) -> dict:
+    """Each pipelined stage worker's ``set_per_process_memory_fraction``: the budget less three CUDA contexts, split
+    in proportion to ``stage_needs`` at the batch the server will take. On the H200 (--vram 12GB, 2026-12-02) the
+    split followed the batch-1 prediction while the server batched 2, whose needs together exceed the budget:
+    every batch of 2 ran out of memory in denoise (now the batch is 1 there: ``serve_plan``)."""
+    need = stage_needs(pred)
+    usable = budget_gb - 3 * CUDA_CONTEXT_GB
+    return {s: min(1.0, usable * need[s] / sum(need.values()) / total_gb) for s in need}
 
 
 def cmd_serve(args) -> int:
