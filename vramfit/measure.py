@@ -77,6 +77,14 @@ def host_rss_gb() -> dict:
     return out
 
 
+def cap_memory(fraction: float, device: torch.device) -> None:
+    """``torch.cuda.set_per_process_memory_fraction`` for ``device`` ("cuda" alone is refused by torch: it wants an
+    index; found by the H200 serve run of 2026-12-02, whose stage workers died at start)."""
+    device = torch.device(device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, fraction), device.index if device.index is not None
+                                               else torch.cuda.current_device())
+
+
 def free_memory(device: torch.device) -> None:
     """Memory is not freed while references remain: callers drop theirs first; this collects and releases."""
     gc.collect()

@@ -78,7 +78,9 @@ class _StageHost:
             torch.set_num_threads(cfg["threads"])
         device = torch.device(cfg["device"])
         if device.type == "cuda" and cfg.get("num_gpus"):
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg["num_gpus"]), device)
+            from .. import measure
+
+            measure.cap_memory(cfg["num_gpus"], device)
         self.stage = STAGE_CLASSES[self.stage_name](cfg["spec"], cfg["weights"], cfg["recipe"], device,
                                                     cfg.get("gguf_file"))
         self.started = time.time()
@@ -674,11 +676,12 @@ def build(args, app_name: str = "vramfit"):
     recipes, _mode, plan_record, _fractions = serve_plan(args, spec, weights, device)
     recipe = recipes[0]
     h, w = parse_size(getattr(args, "size", None), spec)
-    shape = plan.Shape(h, w, getattr(args, "steps", None) or spec.default_steps, 1, spec.max_sequence_length)
+    # the batch the planner predicts fits (as the embedded host takes it), and GPU shares sized for that batch
+    max_batch = min(int(getattr(args, "max_batch", 4) or 1), int(plan_record.get("max_batch") or 10**6))
+    shape = plan.Shape(h, w, getattr(args, "steps", None) or spec.default_steps, max_batch, spec.max_sequence_length)
     shares, peaks = gpu_shares(spec, recipe, device, shape)
     idle = float(getattr(args, "idle_unload", 0) or 0) or DEFAULT_IDLE_S
     max_queue = int(getattr(args, "max_queue", 64) or 64)
-    max_batch = int(getattr(args, "max_batch", 4) or 1)
     common = {"spec": spec, "weights": weights, "recipe": recipe, "device": str(device),
               "gguf_file": getattr(args, "gguf", None),
               "threads": getattr(args, "threads", None) or torch.get_num_threads()}

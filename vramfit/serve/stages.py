@@ -221,9 +221,9 @@ def worker_main(conn, cfg: dict) -> None:
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     if device.type == "cuda" and cfg.get("memory_fraction"):
-        # the cap needs a device index ("cuda" alone is refused by torch)
-        torch.cuda.set_per_process_memory_fraction(cfg["memory_fraction"],
-                                                   device if device.index is not None else torch.cuda.current_device())
+        from .. import measure
+
+        measure.cap_memory(cfg["memory_fraction"], device)
     stages: dict[str, Stage] = {}
     try:
         # import the model classes before "ready" so that a (re)load is loading, not Python imports
