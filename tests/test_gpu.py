@@ -60,10 +60,11 @@ def matrix_values(sharded: bool = True) -> list[str]:
         return out
     # balanced by cell count (longest first onto the least-loaded shard): an index-mod-n split left two of four
     # shards with twice the cells of the others on the H200 (2026-12-02), and they ran out of time
+    count = {v: sum(allowed(v, o, "cuda") for o in OFFLOADS) for v in out}
     load, owner = [0] * n, {}
-    for v in sorted(out, key=lambda v: -sum(1 for o in OFFLOADS if allowed(v, o, "cuda"))):
+    for v in sorted(out, key=lambda v: -count[v]):
         k = min(range(n), key=lambda j: load[j])
-        owner[v], load[k] = k, load[k] + sum(1 for o in OFFLOADS if allowed(v, o, "cuda"))
+        owner[v], load[k] = k, load[k] + count[v]
     return [v for v in out if owner[v] == i]
 
 

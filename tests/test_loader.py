@@ -121,6 +121,9 @@ def test_quantize_on_load_onto_a_gpu_lands_each_weight_there():
     # fp8 layerwise casting runs after loading: into host memory, cast, then placed (never bf16 whole on the GPU)
     for r in ("transformer=fp8-layerwise", "transformer=fp8-layerwise-e5m2,text_encoder_2=torchao-int8wo"):
         assert apply.pipeline_device_map(Recipe.parse(r), dev, {}) is None, r
+    gguf = Recipe.parse("transformer=gguf-q4_1")  # quantized in memory after loading, unless it comes from a file
+    assert apply.pipeline_device_map(gguf, dev, {}) is None
+    assert apply.pipeline_device_map(gguf, dev, {}, None, "t.gguf") == "cuda"
     mixed = Recipe.parse("transformer=fp8-layerwise,text_encoder_2=torchao-int4wo")
     assert apply.pipeline_device_map(mixed, dev, {"text_encoder_2": quant.quantization_config(
         "torchao-int4wo", "text_encoder_2")}) == "cuda"  # a CUDA-only quantizer still needs the device

@@ -258,7 +258,7 @@ def component_quantization_config(recipe: Recipe, weights: Weights, component: s
     loading (staged, and later serve and stream)."""
     value = getattr(recipe, component)
     q = quant_module() if value not in PRECISIONS else None
-    if q is None or q.get_spec(value).family in ("layerwise", "gguf"):
+    if q is None or applied_after_load(value):
         return None
     if models.saved_quantization(weights, component) is not None:
         return None
@@ -425,7 +425,7 @@ def load_pipeline(spec: ModelSpec, weights: Weights, recipe: Recipe, device: tor
     kwargs: dict = {"torch_dtype": torch_dtype}
     if pq is not None:
         kwargs["quantization_config"] = pq
-    device_map = pipeline_device_map(recipe, device, configs, weights)
+    device_map = pipeline_device_map(recipe, device, configs, weights, gguf_file)
     if device_map:
         kwargs["device_map"] = device_map
     extra = {}
@@ -484,8 +484,8 @@ class _no_load_progress_bars:
                 lib.enable_progress_bar()
 
 
-def pipeline_device_map(recipe: Recipe, device: torch.device, configs: dict, weights: Weights | None = None
-                        ) -> str | None:
+def pipeline_device_map(recipe: Recipe, device: torch.device, configs: dict, weights: Weights | None = None,
+                        gguf_file: str | None = None) -> str | None:
     """``device_map`` for ``FluxPipeline.from_pretrained``: "cuda" when every component ends up on the GPU
     (no offload strategy) or a quantizer runs on CUDA only (torchao int4 tinygemm packing, fp8 dynamic); each
     weight then lands on the GPU and is quantized there (see ``models.pretrained_load_kwargs``), and an offload
@@ -501,21 +501,24 @@ def pipeline_device_map(recipe: Recipe, device: torch.device, configs: dict, wei
         return None
     if any(models.quantizes_on_cuda_only(cfg) for cfg in configs.values()):
         return device.type
-    if any(_casts_after_load(getattr(recipe, c)) for c in models.COMPONENTS):
-        # fp8 layerwise casting runs after loading: with device_map the bf16 component lands whole on the GPU and
-        # is cast there (33.8 GB load peak for a 25 GB fp8-layerwise pipeline, and 17 % slower steps than the
-        # stand-in, which is cast in host memory: H200, 2026-12-02); into host memory, then cast, then placed
+    if any(applied_after_load(getattr(recipe, c)) and not (c == "transformer" and gguf_file)
+           for c in models.COMPONENTS):
+        # a step applied after loading (fp8 layerwise casting, GGUF quantized in memory) would find the bf16
+        # component whole on the GPU with device_map (fp8-layerwise: a 33.8 GB load peak for a 25 GB pipeline and
+        # 17 % slower steps than the stand-in, which is cast in host memory: H200, 2026-12-02); into host memory,
+        # then the step, then placed
         return None
     resident = all(load_device_for(recipe, device, c).type == "cuda" for c in models.COMPONENTS)
     return device.type if resident else None
 
 
-def _casts_after_load(value: str) -> bool:
-    """A recipe value applied after loading by casting the weights (fp8 layerwise), not by a quantization config."""
+def applied_after_load(value: str) -> bool:
+    """A recipe value that is not a quantize-on-load config but a step run on the loaded bf16 weights: fp8
+    layerwise casting (not a quantizer) and GGUF (a file format: quantized in memory when no file is given)."""
     if value in PRECISIONS:
         return False
     q = quant_module()
-    return q is not None and q.get_spec(value).family == "layerwise"
+    return q is not None and q.get_spec(value).family in ("layerwise", "gguf")
 
 
 def _config_dict(cfg) -> dict:

@@ -160,7 +160,7 @@ def generate_code(spec, weights, recipe, req, device, form: str = "mapping", ima
     if configs:
         load_args.append("quantization_config=quantization_config")
     load_args.append(f"torch_dtype={torch_dtype}")
-    device_map = apply.pipeline_device_map(recipe, device, configs, weights)
+    device_map = apply.pipeline_device_map(recipe, device, configs, weights, gguf_file)
     if device_map:
         c.add("# device_map: every weight lands on the GPU as it is read (and is quantized there)")
         load_args.append(f"device_map={device_map!r}")

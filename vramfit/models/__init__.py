@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,12 +255,8 @@ def materialize_random(module: torch.nn.Module, seed: int, device: torch.device,
     # only tied parameters (one meta Parameter registered twice, say T5's shared embedding) are remembered: holding
     # every drawn Parameter kept each quantized block's bf16 weights alive until the end (35.7 GB host peak for the
     # NF4-streamed stand-in on the H200, 2026-12-02, where 14 GB remained after loading)
-    seen_ids: dict[int, int] = {}
-    for mod in module.modules():
-        for p in mod._parameters.values():
-            if p is not None:
-                seen_ids[id(p)] = seen_ids.get(id(p), 0) + 1
-    tied = {i for i, n in seen_ids.items() if n > 1}
+    uses = Counter(id(p) for mod in module.modules() for p in mod._parameters.values() if p is not None)
+    tied = {i for i, n in uses.items() if n > 1}
     done: dict[int, torch.nn.Parameter] = {}
     units = tuple(units)
 
