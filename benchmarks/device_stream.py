@@ -19,13 +19,14 @@ Rows (full-size FLUX.1-dev stand-in, random weights, 1024x1024, seed 0):
                        (an "identity" row compares its latents' sha256 with nf4-stream-3GB's)
   bf16-stream-k0       bf16, offload=stream:0, 28 steps, no cap (goal: within 1.10 x of 23.8 GB / link GB/s)
   generate-3GB         `vramfit generate --vram 3GB` (the planner's choice) under a 3 GB cap
+  generate-8GB/12GB    `vramfit generate --vram 8GB / 12GB` under those caps
   sweep-<value>-<GB>   offload=stream with K from each budget, 6 steps, for nf4 / torchao-int8wo / fp8-layerwise /
                        bf16 at 3/4/8/12/16/24 GB: one process per value (scenario sweep-<value>), built once and
                        re-attached with each budget's K, tightest first (child_sweep); a budget whose resolved
                        recipe equals the previous one's is not run again (it says so)
   stock-<value>-<how>  the best stock diffusers mechanism for budgets where stock must offload, 6 steps:
                        group-leaf (int8wo / fp8 / bf16; bnb is refused by group offload), model offload for nf4
-  generate-8GB/12GB    `vramfit generate --vram 8GB / 12GB` under those caps
+  generate-3GB-dir     generate-3GB from the checkpoint directory device_loader.py exported (--weights DIR)
 
 Estimated GPU wall time for everything: ~25 min (4 sweep groups of ~150 s: one build each plus ~15 s per budget;
 4 stock rows ~80-100 s; 3 generate rows ~120 s; 4 headline rows ~60-110 s). With the default --budget-s 600:
@@ -67,6 +68,8 @@ def scenarios() -> list[dict]:
         dict(name="nf4-resident", kind="run", recipe=NF4, steps=28, est_s=80),
         dict(name="bf16-stream-k0", kind="run", recipe="offload=stream:0,vae_decode=tiling", steps=28, est_s=90),
         dict(name="generate-3GB", kind="cli", vram="3GB", budget_gb=3, steps=28, est_s=120),
+        dict(name="generate-8GB", kind="cli", vram="8GB", budget_gb=8, steps=6, est_s=120),
+        dict(name="generate-12GB", kind="cli", vram="12GB", budget_gb=12, steps=6, est_s=120),
     ]
     # one process per value, built once, every budget re-attached (child_sweep): ~60 s build + ~15 s per budget
     sweep = {v: dict(name=f"sweep-{v}", kind="sweepgroup", value=v, budgets_gb=list(SWEEP_GB), steps=6,
@@ -84,9 +87,10 @@ def scenarios() -> list[dict]:
                 "bf16": "stock-bf16-group-leaf"}
     paired = [x for v in ("nf4", "int8", "fp8", "bf16") for x in (sweep[v], *[s for s in stock
                                                                                if s["name"] == stock_of[v]])]
+    # the path users take: generate-3GB's planner choice loaded from a checkpoint directory (device_loader.py's
+    # export, kept on a warm machine with VRAMFIT_LOADER_KEEP=1; $VRAMFIT_STREAM_WEIGHTS overrides)
     return out + paired + [
-        dict(name="generate-8GB", kind="cli", vram="8GB", budget_gb=8, steps=6, est_s=120),
-        dict(name="generate-12GB", kind="cli", vram="12GB", budget_gb=12, steps=6, est_s=120)]
+        dict(name="generate-3GB-dir", kind="cli", vram="3GB", budget_gb=3, steps=28, est_s=120, weights="dir")]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,7 +322,14 @@ def child_cli(sc: dict, smoke: bool) -> dict:
 
     cap = _cap(None if smoke else sc.get("budget_gb"))
     out_png = Path(os.environ.get("OUT", ROOT / "runs")) / f"{sc['name']}.png"
-    argv = ["generate", PROMPT, "--model", "flux-tiny" if smoke else "flux-dev", "--weights", "random",
+    weights = "random"
+    if sc.get("weights") == "dir":
+        weights = os.environ.get("VRAMFIT_STREAM_WEIGHTS") or (
+            "/tmp/vramfit-loader-smoke/flux-tiny" if smoke else "/tmp/vramfit-loader/flux-dev")
+        if not (Path(weights) / "model_index.json").exists():
+            return {**cap, "error": f"no checkpoint at {weights} (run device_loader.py with VRAMFIT_LOADER_KEEP=1 "
+                                    "first, or set VRAMFIT_STREAM_WEIGHTS)"}
+    argv = ["generate", PROMPT, "--model", "flux-tiny" if smoke else "flux-dev", "--weights", weights,
             "--vram", sc["vram"], "--steps", str(2 if smoke else sc["steps"]), "--out", str(out_png),
             "--no-progress", "--json"]
     if smoke:

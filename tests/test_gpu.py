@@ -100,10 +100,10 @@ def test_offload_strategies_bit_identical_on_gpu(recipe):
 @gpu
 @not_first_shard
 def test_probe_bnb_int8_moves_between_host_and_gpu_under_model_offload():
-    """A probe for a refused cell (``transformer=bnb-int8`` with ``offload=model``): diffusers 0.42.1 no longer blocks
-    ``.to()`` of an 8-bit model with bitsandbytes >= 0.48. Here diffusers' own model offload is switched on over a
-    resident bnb-int8 pipeline (bypassing vramfit's refusal); if the latents equal the resident run's, the Int8Params
-    and their SCB row scales survived the moves and the refusal can be lifted (the matrix then runs the cell)."""
+    """The probe that lifted a refusal (``transformer=bnb-int8`` with ``offload=model``): diffusers 0.42.1 no longer
+    blocks ``.to()`` of an 8-bit model with bitsandbytes >= 0.48. Here diffusers' own model offload is switched on
+    over a resident bnb-int8 pipeline; the latents must equal the resident run's (the Int8Params and their SCB row
+    scales survive the moves). The matrix below runs the cell on the real loading path."""
     spec = models.get_model("flux-tiny")
     w = models.resolve_weights(spec, "random")
     req = request_for(spec, "a fox", steps=2)

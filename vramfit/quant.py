@@ -735,16 +735,10 @@ def _problems(components: dict[str, str], offload: str, compile: str, device_typ
             yield (f"{comp}={v} with offload=sequential: accelerate's per-parameter offload hooks break quantized "
                    f"weights ({why})"), \
                 f"{comp}={v} with offload=model, or {comp}=fp8-layerwise with offload=group-block"
-        if v == "bnb-int8" and offload in ("model", "sequential"):
-            # diffusers 0.42.1 refuses `.to()` of an 8-bit model only with bitsandbytes < 0.48. On the H200
-            # (2026-12-02) diffusers' model offload over a resident flux-tiny bnb-int8 pipeline gave the resident
-            # run's latents (tests/test_gpu.py's probe); the real loading path (checkpoint, pre-quantized directory)
-            # and the full-size model have not run with it, so it stays refused until they have
-            yield (f"{comp}=bnb-int8 with offload={offload}: moving bitsandbytes 8-bit weights (Int8Params with "
-                   "their SCB row scales) between host and GPU through accelerate's offload hooks has passed only a "
-                   "probe on flux-tiny (H200, bitsandbytes 0.50.2), not the checkpoint loading path or the full-size "
-                   "model; refused until those have run"), \
-                f"{comp}=bnb-nf4 or torchao-int8wo with offload={offload}, or offload=none"
+        # bnb-int8 with offload=model is allowed: diffusers 0.42.1 refuses `.to()` of an 8-bit model only with
+        # bitsandbytes < 0.48, and on the H200 (2026-12-02) model offload over a resident flux-tiny bnb-int8 pipeline
+        # gave the resident latents (tests/test_gpu.py's probe); the matrix runs the cell on the real loading path
+        # (sequential stays refused for every bnb value, above)
         if v == "quanto-fp8" and offload == "stream" and device_type == "cuda":
             yield (f"{comp}=quanto-fp8 with offload=stream: on CUDA optimum-quanto 0.2.7 packs fp8 weights as "
                    "MarlinF8PackedTensor, which exists only on the GPU (`assert data.device.type == \"cuda\"` when "
