@@ -29,7 +29,7 @@ Rows (full-size FLUX.1-dev stand-in, random weights, 1024x1024, seed 0):
   generate-3GB-dir     generate-3GB from the checkpoint directory device_loader.py exported (--weights DIR)
 
 Estimated GPU wall time for everything: ~25 min (4 sweep groups of ~150 s: one build each plus ~15 s per budget;
-4 stock rows ~80-100 s; 3 generate rows ~120 s; 4 headline rows ~60-110 s). With the default --budget-s 600:
+4 stock rows ~80-100 s; 4 generate rows ~120 s; 4 headline rows ~60-110 s). With the default --budget-s 600:
 link, tiny-identity, the headline rows and generate-3GB; the rest are rows saying they were left out. Use --only
 (e.g. ``--only sweep-nf4,stock-nf4-model,sweep-int8``) to run the sweep in a later call.
 ``--smoke`` runs the same code on flux-tiny on CPU (64x64, 2 steps, no caps).
