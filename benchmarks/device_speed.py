@@ -22,7 +22,11 @@ fits what is left of ``--budget-s`` (else a row "not-run: budget" saying so):
    flux-fast-style anchor (``compile=full+autotune+graphs``, fullgraph max-autotune: est. > 600 s, the 10-minute
    command limit -- a row with that reason unless the budget allows it).
 
-Estimated GPU time: ~465 s for 1-5 (the budget cuts what does not fit; 330 s runs 1-3 and says why 4-5 did not).
+Estimated GPU time: ~705 s for 1-5, more than one 10-minute command: fast-cold alone measured ~480 s on 2026-12-02
+(49 s load, 364 s compile), so run it in two calls on one warm machine, the second keeping the first's cache:
+    VRAMFIT_SPEED_ONLY=fast-cold bash benchmarks/device_round.sh speed:560
+    VRAMFIT_SPEED_KEEP=1 VRAMFIT_SPEED_ONLY=fast-cached,taylorseer,profile bash benchmarks/device_round.sh speed:300
+(the budget cuts what does not fit, with a row saying so).
 Rows: ``$OUT/speed.jsonl`` (bench rows + ``speed`` fields: role, x vs bf16 eager, cache kind), the profile
 row in the same file, and a summary table on stdout with the JSON summary as the last line.
 """
@@ -48,7 +52,8 @@ FAST = "transformer=torchao-fp8dq,fuse_qkv=on,compile=regional+graphs"
 FALLBACK = "transformer=torchao-fp8dq,compile=regional"
 FULL = [  # (name, recipe, role, est_s on the H200, note)
     ("bf16", "bf16", "baseline", 45, "bf16 eager, no compile: the baseline and the fidelity reference"),
-    ("fast-cold", FAST, "candidate+cold-uncached", 240,
+    # 2026-12-02 (session 8): load 49 s + first-step compile 364 s, then ~0.105 s/step: ~480 s with 3 warm runs
+    ("fast-cold", FAST, "candidate+cold-uncached", 480,
      "fastest no-cache candidate; empty compile cache: its cold start is the uncached one"),
     ("taylorseer", "cache=taylorseer:4", "cache", 40,
      "TaylorSeer lite, interval 4 (fixed schedule: speed independent of the weights)"),
@@ -166,7 +171,11 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/vramfit-speed", help="scratch: reference tensors, images, compile cache "
                     "(not brought back); the scenario logs are copied to OUT/logs/speed/")
     ap.add_argument("--smoke", action="store_true", help="flux-tiny on CPU: the same code, CPU stand-in recipes")
-    ap.add_argument("--only", default=None, help="comma-separated scenario names")
+    ap.add_argument("--only", default=os.environ.get("VRAMFIT_SPEED_ONLY") or None,
+                    help="comma-separated scenario names (bf16, the reference, always runs)")
+    ap.add_argument("--keep-work", action="store_true", default=bool(os.environ.get("VRAMFIT_SPEED_KEEP")),
+                    help="keep --work (its compile cache) from an earlier call on the same machine: fast-cold then "
+                         "runs in one call and fast-cached in the next (fast-cold alone takes ~480 s)")
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.profile_child:
@@ -175,7 +184,8 @@ def main() -> int:
     import shutil
 
     out = Path(args.work)
-    shutil.rmtree(out, ignore_errors=True)  # empty reference, cache and logs: every row of this call is its own
+    if not args.keep_work:
+        shutil.rmtree(out, ignore_errors=True)  # empty reference, cache and logs: every row of this call is its own
     (out / "logs").mkdir(parents=True, exist_ok=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = Path(args.out) / "speed.jsonl"

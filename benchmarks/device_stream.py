@@ -268,7 +268,8 @@ def child_sweep(sc: dict, smoke: bool) -> dict:
             row.update(_cap(None if smoke else gb))
             t0 = time.perf_counter()
             mem = measure.Memory(device)
-            if runner is None:
+            first = runner is None  # this row builds the pipeline (its load peak is its own)
+            if first:
                 runner = Runner(spec, models.resolve_weights(spec, "random"), recipe, device, progress=False)
                 runner.load()
             else:
@@ -282,12 +283,12 @@ def child_sweep(sc: dict, smoke: bool) -> dict:
                 else:
                     pipe.vae.disable_tiling()
                 gc.collect()
-            attach = mem.peak() if last is not None else {}
+            attach = mem.peak() if not first else {}
             row["attach_s"] = round(time.perf_counter() - t0, 2)
             row["host_rss_after_attach_gb"] = measure.host_rss_gb().get("rss_gb")
             rec = runner.generate(req).record
             m = dict(rec["memory"])
-            if last is not None:  # the load peak of the first row does not belong to this one
+            if not first:  # the load peak of the first row does not belong to this one
                 m["peak_allocated_gb"] = max(m["generate_peak_allocated_gb"], attach.get("peak_allocated_gb", 0.0))
                 m["peak_reserved_gb"] = max(m["generate_peak_reserved_gb"], attach.get("peak_reserved_gb", 0.0))
                 m["attach_peak_allocated_gb"] = attach.get("peak_allocated_gb")
@@ -300,19 +301,28 @@ def child_sweep(sc: dict, smoke: bool) -> dict:
                                                                  "components": {c: e.describe() for c, e in
                                                                                 runner.pipe._vramfit_stream.items()}},
                         "manifest": [x for x in rec["manifest"] if x["step"] in ("load", "quantize", "vae")]
-                        if last is None else [{"step": "vae", "mode": recipe.vae_decode,
+                        if first else [{"step": "vae", "mode": recipe.vae_decode,
                                                **(runtime.vae_tiles(runner.pipe.vae.config)
                                                   if recipe.vae_decode == "tiling" else {})}],
                         "stream_measured": stream.measured(runner.pipe),
                         "host_peak_rss_gb": measure.host_rss_gb().get("peak_rss_gb")})
             shas[name] = rec["latents"]["sha256"]
             last = recipe
-        except Exception as e:  # this budget's row carries the error; the rest of the group stops (state unknown)
+        except Exception as e:  # this budget's row carries the error
             import traceback
 
             row.update({"error": f"{type(e).__name__}: {e}"[:800], "traceback": traceback.format_exc()[-2000:]})
             rows.append(row)
-            break
+            # out of memory while generating with the pipeline built: the next (larger) budget re-attaches and runs
+            # (2026-12-02: fp8 OOM at 3 GB stopped its whole group); any other error leaves the state unknown: stop
+            if not (isinstance(e, torch.OutOfMemoryError) and runner is not None and runner.pipe is not None):
+                break
+            row["continued"] = "out of memory in generate: the next budget re-attaches (memory freed first)"
+            continue
+        finally:
+            gc.collect()  # outside the handler: the failed step's frames no longer hold its tensors
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append(row)
     return {"rows": rows, "same_latents_across_budgets": len(set(shas.values())) <= 1 if shas else None}
 
@@ -341,7 +351,9 @@ def child_cli(sc: dict, smoke: bool) -> dict:
     rec = json.loads(lines[-1]) if lines else {}
     return {**cap, "argv": argv, "rc": rc, "recipe": rec.get("recipe"), "timings": rec.get("timings"),
             "memory": rec.get("memory"), "latents_sha256": (rec.get("latents") or {}).get("sha256"),
-            "plan": rec.get("plan")}
+            "plan": rec.get("plan"), "device": rec.get("device"), "steps": (rec.get("request") or {}).get("steps"),
+            "size": [(rec.get("request") or {}).get("height"), (rec.get("request") or {}).get("width")],
+            "weights": "random" if weights == "random" else "dir"}
 
 
 def child(sc: dict, smoke: bool) -> dict:

@@ -136,3 +136,28 @@ def test_tiling_as_ran_follows_the_manifest_or_the_time_a_manifestless_row_was_m
     assert check.as_ran({"at": "2026-12-02T01:00:00Z", "manifest": [{"step": "vae"}]}, r, meas).vae_decode == "none"
     assert check.as_ran({"manifest": [{"step": "vae", "tile_px": 512}]}, r, meas).vae_decode == "tiling"
     assert check.as_ran({}, r, {**meas, "height": 2048}).vae_decode == "tiling"  # larger than native: split anyway
+
+
+def test_generate_rows_without_a_device_field_are_checked_by_their_cuda_cap():
+    """The committed `generate --vram` rows of 2026-12-02 (kind cli) kept no device field: a CUDA memory cap and the
+    plan's probed GPU say where they ran, and steps / weights come from their argv. A smoke cli row stays out."""
+    from vramfit.plan.check import _stream_measured
+
+    path = H200 / "2026-12-02-h200-s7" / "stream-s7-calls1-4.jsonl"
+    rows = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if "timings" in r:
+            rows[r["name"]] = r
+    g3, gdir = rows["generate-3GB"], rows["generate-3GB-dir"]
+    assert "device" not in g3
+    assert derive.stream_row_device(g3)["type"] == "cuda" and derive.stream_row_device(g3)["name"] == "NVIDIA H200"
+    m = _stream_measured(g3, derive._why_not)
+    assert (m["steps"], m["weights"], m["device"]["type"]) == (28, "random", "cuda")
+    assert _stream_measured(gdir, derive._why_not)["weights"] == "hub"  # --weights DIR: the checkpoint path
+    assert _stream_measured(rows["generate-8GB"], derive._why_not)["steps"] == 6
+    smoke = {**g3, "smoke": True}
+    assert derive._why_not(smoke) == "smoke row (flux-tiny on CPU)"
+    uncapped = {k: v for k, v in g3.items() if k != "cap_fraction"}
+    assert derive._why_not(uncapped) == "not measured on a GPU"
+    assert derive.stream_row_device({**g3, "device": {"type": "cuda", "name": "X"}})["name"] == "X"

@@ -229,3 +229,19 @@ def test_stream_sweep_takes_checkpoint_loader_rows_as_uncapped_stock_and_capped_
     table = stream_report.sweep_table([headline, sweep8, loader, too_big, export])
     assert [(e["budget_gb"], e["stock"]) for e in table] == [(3.0, None), (8.0, "loader:nf4:model:dir")]
     assert table[1]["ratio"] == 1.0 and table[0]["ratio"] is None
+
+
+def test_stream_sweep_point_prefers_the_sweep_row_over_a_generate_row_of_the_same_budget():
+    """A `generate --vram` row (kind cli) stands for a (value, budget) point only where no sweep or headline row ran
+    that budget, whichever order the files come in."""
+    from vramfit import stream_report
+
+    nf4 = "transformer=bnb-nf4,text_encoder_2=bnb-nf4"
+    sweep8 = _stream_row("sweep-nf4-8GB", f"{nf4},offload=stream:45", 0.1876, 7.9, cap=8, budget=8, value="nf4", k=45)
+    gen8 = {**_stream_row("generate-8GB", f"{nf4},offload=stream:22", 0.2152, 7.7, cap=8, k=22),
+            "scenario": {"name": "generate-8GB", "kind": "cli", "budget_gb": 8}}
+    gen12 = {**_stream_row("generate-12GB", f"{nf4},offload=stream:57", 0.1845, 11.4, cap=12, k=57),
+             "scenario": {"name": "generate-12GB", "kind": "cli", "budget_gb": 12}}
+    for order in ([sweep8, gen8, gen12], [gen8, sweep8, gen12]):
+        table = stream_report.sweep_table(order)
+        assert [(e["budget_gb"], e["name"]) for e in table] == [(8.0, "sweep-nf4-8GB"), (12.0, "generate-12GB")]

@@ -77,6 +77,33 @@ def host_rss_gb() -> dict:
     return out
 
 
+_LIBC = None
+
+
+def release_host_heap() -> float | None:
+    """Give the host heap's free pages back to the OS (glibc ``malloc_trim(0)``; None where there is no glibc) and
+    return the GB of RSS that left. Tensors under glibc's mmap threshold (at most 32 MB: FLUX's 3072x3072 bf16
+    weights, every NF4 tensor) live on the heap, and freeing them leaves holes that stay in RSS: the streamed
+    stand-in's draw -> quantize -> pack churn held ~5 GB beyond its pinned store on the H200 (NF4 3 GB row,
+    2026-12-02: 16.1 GB after load for 9.95 GB pinned + 1.15 GB of process); a CPU replay of the churn (FLUX
+    block shapes, 2.96 GB packed) held 3.2 GB extra, and ``malloc_trim(0)`` returned all of it."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - AttributeError where the C library has no malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return None
+    before = host_rss_gb().get("rss_gb")
+    _LIBC.malloc_trim(0)
+    after = host_rss_gb().get("rss_gb")
+    return round(before - after, 3) if before is not None and after is not None else None
+
+
 def cap_memory(fraction: float, device: torch.device) -> None:
     """``torch.cuda.set_per_process_memory_fraction`` for ``device`` ("cuda" alone is refused by torch: it wants an
     index; found by the H200 serve run of 2026-12-02, whose stage workers died at start)."""

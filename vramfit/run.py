@@ -125,8 +125,11 @@ class Runner:
             self.weight_bytes = {c: apply.weight_bytes(getattr(self.pipe, c)) for c in models.COMPONENTS}
         measure.sync(self.device)
         self.pipe.set_progress_bar_config(disable=not self.progress, desc="denoise", leave=False)
-        self.load_record = {"s": round(time.perf_counter() - t0, 4), "after_load": self.memory.now(),
-                            "peak": self.memory.peak()}
+        released = measure.release_host_heap()  # what loading freed (unquantized weights, staging copies) leaves RSS
+        after = self.memory.now()
+        if released is not None:
+            after["heap_released_gb"] = released
+        self.load_record = {"s": round(time.perf_counter() - t0, 4), "after_load": after, "peak": self.memory.peak()}
         self.on_event("loaded", s=self.load_record["s"])
         return self.load_record
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import measure
 from .errors import RecipeError
 
 ALIGN = 512  # bytes: every tensor region starts aligned for any dtype and for vectorised kernels
@@ -511,6 +512,7 @@ class BlockStream:
         for b, off in zip(self.streamed, offs):
             region = self.host[off:off + b.layout.nbytes]
             _rebind(b.module, b.layout, region, copy_data=True)  # the old storages are freed here, block by block
+            measure.release_host_heap()  # ...and their heap pages leave RSS now, not sit beside the buffer's
             packed = block_layout(b.module)  # keyed by the new (host view) tensors
             if packed.signature != b.layout.signature or packed.nbytes != b.layout.nbytes:
                 raise RuntimeError(f"{self.component}.{b.name}: packing changed the block's layout")
@@ -880,6 +882,7 @@ class StreamedQuantizer:
         block = self.module.get_submodule(name)
         quant.quantize_component(_One(block, _block_skip(self.skip, name)), self.component, self.value, self.device)
         _to_device(block, torch.device("cpu"), set())  # packed bytes leave the device before the next block comes
+        measure.release_host_heap()  # the block's freed bf16 weights: their heap pages back to the OS
         check_bnb4_states(block, f"{self.component}.{name}")
         self.done.add(name)
 

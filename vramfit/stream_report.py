@@ -83,13 +83,18 @@ def sweep_table(rows: list[dict]) -> list[dict]:
         rec = _recipe(r)
         if rec is not None and rec.offload_kind != "stream" and rec.transformer in VALUE_OF:
             stock.append((VALUE_OF[rec.transformer], r))
-    points: dict = {}  # (value, budget) -> the last streamed row measured under that budget
+    # (value, budget) -> the last streamed row measured under that budget; a `generate --vram` row (kind cli: the
+    # planner's own choice, T5 and tiling as it chose) stands for a point only where no sweep/headline row ran it
+    points: dict = {}
     for r in ok:
         rec, sc = _recipe(r), r.get("scenario") or {}
         budget = sc.get("budget_gb", r.get("cap_gb"))
         if rec is None or rec.offload_kind != "stream" or budget is None or rec.transformer not in VALUE_OF:
             continue
-        points[(VALUE_OF[rec.transformer], float(budget))] = r
+        key = (VALUE_OF[rec.transformer], float(budget))
+        if sc.get("kind") == "cli" and key in points and (points[key].get("scenario") or {}).get("kind") != "cli":
+            continue
+        points[key] = r
     out = []
     for (value, budget), r in points.items():
         fits = [s for v, s in stock if v == value and (

@@ -179,9 +179,30 @@ def _why_not(r: dict) -> str | None:
         return str(r["skipped"])
     if r.get("error"):
         return str(r["error"]).splitlines()[0][:160]
-    if (r.get("device") or {}).get("type") != "cuda":
+    if stream_row_device(r).get("type") != "cuda":
         return "not measured on a GPU"
     return None
+
+
+def stream_row_device(r: dict) -> dict:
+    """The device a device_stream row ran on. ``generate --vram`` rows (kind cli) measured before 2026-12-02 14:30
+    UTC kept no device field: a cap fraction is only set where CUDA was available (``_cap``), and the plan in the
+    row names the GPU it probed."""
+    if r.get("device"):
+        return r["device"]
+    if (r.get("scenario") or {}).get("kind") == "cli" and r.get("cap_fraction") and not r.get("smoke"):
+        return {"type": "cuda", "name": str((r.get("plan") or {}).get("gpu", "")).replace(" (probed)", ""),
+                "source": "inferred: a CUDA memory cap was set, plan.gpu names the GPU"}
+    return {}
+
+
+def stream_row_steps_weights(r: dict) -> tuple:
+    """(steps, weights kind) of a device_stream row: a cli row's are in its argv when the row predates those fields."""
+    argv = r.get("argv") or []
+    opt = lambda flag: argv[argv.index(flag) + 1] if flag in argv[:-1] else None  # noqa: E731
+    steps = r.get("steps") or (int(opt("--steps")) if opt("--steps") else (r.get("scenario") or {}).get("steps"))
+    w = r.get("weights") or opt("--weights") or "random"
+    return steps, "random" if w == "random" else "hub"
 
 
 def stream_rows(rows: list) -> tuple[list, list, list]:
@@ -221,9 +242,9 @@ def stream_rows(rows: list) -> tuple[list, list, list]:
         t, m = r["timings"], r["memory"]
         runs.append({
             "scenario": name, "file": r.get("_file"), "recipe": str(rc), "transformer": rc.transformer,
-            "text_encoder_2": rc.text_encoder_2, "k": rc.stream_k, "steps": r.get("steps"),
+            "text_encoder_2": rc.text_encoder_2, "k": rc.stream_k, "steps": stream_row_steps_weights(r)[0],
             "height": (r.get("size") or [1024, 1024])[0], "width": (r.get("size") or [1024, 1024])[1],
-            "cap_gb": r.get("cap_gb"), "device": (r.get("device") or {}).get("name"),
+            "cap_gb": r.get("cap_gb"), "device": stream_row_device(r).get("name"),
             "streamed_blocks": (comps.get("transformer") or {}).get("streamed"),
             "bytes_streamed_per_step": (r.get("offload") or {}).get("bytes_streamed_per_step"),
             "s_per_step": t["s_per_step_median"], "peak_gb": m.get("generate_peak_allocated_gb",

@@ -85,11 +85,14 @@ def _stream_measured(row: dict, why_not) -> dict:
         raise _Skip(why)
     if not row.get("timings") or not row.get("memory"):
         raise _Skip("no timings / memory in the row")
+    from ..calibration.derive import stream_row_device, stream_row_steps_weights
+
     t, m = row["timings"], row["memory"]
     h, w = row.get("size") or [1024, 1024]
+    steps, weights = stream_row_steps_weights(row)
     return {"label": row.get("name") or _short(row["recipe"]), "model": "flux-tiny" if row.get("smoke") else "flux-dev",
-            "recipe": row["recipe"], "device": row.get("device", {}), "weights": "random", "height": h, "width": w,
-            "steps": row.get("steps"), "text_tokens": None,
+            "recipe": row["recipe"], "device": stream_row_device(row), "weights": weights, "height": h or 1024,
+            "width": w or 1024, "steps": steps, "text_tokens": None,
             "peak": m.get("generate_peak_allocated_gb", m.get("peak_allocated_gb")),
             "step": t.get("s_per_step_median") or t["s_per_step"], "total": t["total_s"], "cold": True,
             "step_kind": "median" if t.get("s_per_step_median") else "mean",
