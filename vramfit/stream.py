@@ -650,6 +650,12 @@ class BlockStream:
         if self.rebind_each_run:
             _restore(self._bindings[slot][self.layout_id[pos]])
         out = self.templates[slot][self.layout_id[pos]](*args, **kwargs)
+        if self.rebind_each_run:
+            # and after: the hooks' post-forward cast left each weight in a new tensor outside the slot, which would
+            # stay allocated until this template's next run, one block's weights per template (H200, 2026-12-02:
+            # fp8-layerwise streamed at K=0 ran out of memory under a 3 GB cap with 2.75 GB allocated, against a
+            # predicted 2.16)
+            _restore(self._bindings[slot][self.layout_id[pos]])
         if cuda:
             c1.record(cur)
             self.computed[slot].record(cur)
