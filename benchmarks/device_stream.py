@@ -27,6 +27,8 @@ Rows (full-size FLUX.1-dev stand-in, random weights, 1024x1024, seed 0):
   stock-<value>-<how>  the best stock diffusers mechanism for budgets where stock must offload, 6 steps:
                        group-leaf (int8wo / fp8 / bf16; bnb is refused by group offload), model offload for nf4
   generate-3GB-dir     generate-3GB from the checkpoint directory device_loader.py exported (--weights DIR)
+  nf4-stream-3GB-regional   nf4-stream-3GB with compile=regional (streamed + compiled at full size), cap 3 GB
+  stock-bf16-group-leaf-uncapped   stock-bf16-group-leaf without a cap (is the capped row's slowdown the cap's?)
 
 Estimated GPU wall time for everything: ~25 min (4 sweep groups of ~150 s: one build each plus ~15 s per budget;
 4 stock rows ~80-100 s; 4 generate rows ~120 s; 4 headline rows ~60-110 s). With the default --budget-s 600:
@@ -90,7 +92,13 @@ def scenarios() -> list[dict]:
     # the path users take: generate-3GB's planner choice loaded from a checkpoint directory (device_loader.py's
     # export, kept on a warm machine with VRAMFIT_LOADER_KEEP=1; $VRAMFIT_STREAM_WEIGHTS overrides)
     return out + paired + [
-        dict(name="generate-3GB-dir", kind="cli", vram="3GB", budget_gb=3, steps=28, est_s=120, weights="dir")]
+        dict(name="generate-3GB-dir", kind="cli", vram="3GB", budget_gb=3, steps=28, est_s=120, weights="dir"),
+        # streamed + regional compile at full size (the tiny-identity row has bf16 + regional on flux-tiny only)
+        dict(name="nf4-stream-3GB-regional", kind="run", recipe=f"{NF4},offload=stream,vae_decode=tiling,"
+             "compile=regional", budget_gb=3, steps=28, est_s=200),
+        # the same stock recipe without a cap: session 7's capped group-leaf rows ran 1.7x slower than session 4's
+        dict(name="stock-bf16-group-leaf-uncapped", kind="run", recipe="offload=group-leaf,vae_decode=tiling",
+             steps=6, est_s=100)]
 
 
 # ----------------------------------------------------------------------------------------------------------

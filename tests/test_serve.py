@@ -184,6 +184,22 @@ def test_openai_client_image_is_bit_identical_to_generate(srv_a):
     assert not np.array_equal(pixels(r.data[0].b64_json), pixels(r.data[1].b64_json))
 
 
+def test_openai_client_against_a_streaming_server_gets_generates_image(tmp_path):
+    """`vramfit serve --recipe offload=stream:1`: the encode worker streams T5's blocks and the denoise worker the
+    transformer's; the official client's image equals `vramfit generate` with the same recipe, bit for bit."""
+    recipe = "offload=stream:1"
+    srv = Server("--recipe", recipe, "--max-batch", "2", log=tmp_path / "stream.log")
+    try:
+        srv.wait_ready()
+        r = client(srv).images.generate(model="flux-tiny", prompt="a lighthouse at dusk", size=f"{SIZE}x{SIZE}",
+                                        response_format="b64_json", extra_body={"seed": 7, "steps": STEPS})
+        assert np.array_equal(pixels(r.data[0].b64_json), reference("a lighthouse at dusk", 7, recipe=recipe))
+        st = srv.status()
+        assert "stream:1" in json.dumps(st["stages"]["denoise"]) and st["mode"] == "pipelined", st
+    finally:
+        srv.stop()
+
+
 def test_openai_stream_with_partial_images(srv_a):
     stream = client(srv_a).images.generate(model="flux-tiny", prompt="a lighthouse at dusk", size=f"{SIZE}x{SIZE}",
                                            stream=True, partial_images=2,

@@ -139,3 +139,36 @@ def test_check_args(kw, msg):
 
     with pytest.raises(InputError, match=msg):
         check_args(_args(**kw))
+
+
+@pytest.mark.parametrize("recipe", ["offload=stream:1", "transformer=torchao-int8wo,text_encoder_2=torchao-int8wo,offload=stream:2"])
+def test_stages_stream_their_own_blocks_and_give_generates_image(recipe):
+    """`serve --recipe ...,offload=stream:K`: the encode stage streams T5's blocks and the denoise stage the
+    transformer's (K resident), each in its own worker; the image equals `vramfit generate` with the same recipe, bit
+    for bit (flux-tiny, CPU: the same stage classes the embedded server and Ray host run)."""
+    import numpy as np
+    import torch
+
+    from vramfit import models
+    from vramfit.recipe import Recipe
+    from vramfit.run import Runner, request_for
+    from vramfit.serve.cli import serve_plan
+    from vramfit.serve.stages import DecodeStage, DenoiseStage, EncodeStage
+
+    spec = models.get_model("flux-tiny")
+    w = models.resolve_weights(spec, "random")
+    cpu = torch.device("cpu")
+    (r, *_), mode, _, _ = serve_plan(_args(recipe=recipe), spec, w, cpu)
+    assert mode == "pipelined" and r.stream_k == Recipe.parse(recipe).stream_k
+    req = request_for(spec, "a red fox", 3, 64, 64, None, 7)
+    ref = Runner(spec, w, r, cpu, progress=False).generate(req)
+
+    enc, den, dec = (cls(spec, w, r, cpu) for cls in (EncodeStage, DenoiseStage, DecodeStage))
+    (e,) = enc.run([{"prompt": req.prompt, "max_sequence_length": req.max_sequence_length}])
+    (d,) = den.run([{**e, "seed": req.seed, "steps": req.steps, "height": req.height, "width": req.width,
+                     "guidance": req.guidance, "max_sequence_length": req.max_sequence_length}])
+    (img,) = dec.run([{**d, "height": req.height, "width": req.width}])
+    assert np.array_equal(np.asarray(img["image"]), np.asarray(ref.image))
+    streamed = {c: ex.info["streamed"] for st in (enc, den) for c, ex in st.pipe._vramfit_stream.items()}
+    assert set(streamed) == {"text_encoder_2", "transformer"} and all(n > 0 for n in streamed.values())
+    assert den.manifest.find("offload")[0]["k"] == r.stream_k

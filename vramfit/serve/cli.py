@@ -64,10 +64,15 @@ def serve_plan(args, spec, weights, device):
     if args.recipe is not None:
         recipe = resolve_recipe(args.recipe, weights)
         off = recipe.offload_kind
-        if off in PIPELINE_OFFLOADS or off == "stream":
+        if off in PIPELINE_OFFLOADS:
             raise RecipeError(f"offload={recipe.offload} moves weights inside one pipeline call; the server runs "
                               f"encode, denoise and decode as separate units. Alternative: offload=staged (stage "
-                              f"batches), offload=none (pipelined), or --vram to let the planner choose")
+                              f"batches), offload=stream:K (each stage streams its own blocks), offload=none "
+                              f"(pipelined), or --vram to let the planner choose")
+        if off == "stream":  # K as written (plain `stream`: 0, every block streamed); --vram does not plan it yet
+            from ..stream import resolve
+
+            recipe = resolve(recipe)
         mode = "stage-batch" if off == "staged" else "pipelined"
         recipes = [recipe]
         if recipe.vae_decode == "none":  # the decode stage's smaller-memory fallback

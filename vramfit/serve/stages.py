@@ -59,6 +59,8 @@ class Stage:
             s["vae_decode"] = self.recipe.vae_decode
         if self.name == "denoise":
             s.update(attention=self.recipe.attention, compile=str(self.recipe.compile))
+        if self.recipe.offload_kind == "stream" and self.name in ("encode", "denoise"):
+            s["offload"] = self.recipe.offload  # stream:K (T5 always streams all its blocks)
         return s
 
     def info(self) -> dict:
@@ -78,6 +80,12 @@ class Stage:
                                          self.gguf_file) for c in self.components}
         self.weight_bytes = {c: apply.weight_bytes(m) for c, m in comps.items()}
         pipe = apply.assemble(self.spec, self.weights, comps)
+        if self.recipe.offload_kind == "stream":
+            # the executor on this stage's own streamed component (T5 in encode, the transformer in denoise), the
+            # same call a generate run makes; its ring stays allocated between batches (one stage per worker)
+            from .. import stream
+
+            stream.apply_stream(pipe, self.recipe, self.device, self.manifest)
         apply.apply_runtime_options(pipe, self.recipe, self.manifest, components=comps)
         pipe.set_progress_bar_config(disable=True)
         measure.sync(self.device)
