@@ -245,3 +245,18 @@ def test_stream_sweep_point_prefers_the_sweep_row_over_a_generate_row_of_the_sam
     for order in ([sweep8, gen8, gen12], [gen8, sweep8, gen12]):
         table = stream_report.sweep_table(order)
         assert [(e["budget_gb"], e["name"]) for e in table] == [(8.0, "sweep-nf4-8GB"), (12.0, "generate-12GB")]
+
+
+def test_stream_sweep_point_is_the_latest_measurement_whatever_the_file_order():
+    """Two measurements of one (value, budget): the later one (device_stream's `@ TIME` stamp) stands for the point,
+    in whichever order the files are given (a shell glob sorts session directories by name, not by date)."""
+    from vramfit import stream_report
+
+    nf4 = "transformer=bnb-nf4,text_encoder_2=bnb-nf4"
+    old = {**_stream_row("nf4-stream-3GB", f"{nf4},offload=stream:4", 0.205, 2.87, cap=3, k=4),
+           "command": "device_stream.py --budget-s 470 @ 2026-12-02T01:26:40Z"}
+    new = {**_stream_row("nf4-stream-3GB", f"{nf4},offload=stream:4", 0.1887, 2.955, cap=3, k=4),
+           "command": "device_stream.py --budget-s 330 @ 2026-12-02T13:59:00Z"}
+    for order in ([old, new], [new, old]):
+        (e,) = stream_report.sweep_table(order)
+        assert e["s_per_step"] == 0.1887

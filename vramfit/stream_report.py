@@ -74,6 +74,12 @@ def measured(rows: list[dict]) -> list[dict]:
             and r.get("recipe") and _s_per_step(r) is not None]
 
 
+def _stamp(row: dict):
+    from .plan.check import _stamp as stamp  # the time a row was measured: `at`, or device_stream's `@ TIME`
+
+    return stamp(row)
+
+
 def sweep_table(rows: list[dict]) -> list[dict]:
     """One entry per (value, budget) measured streamed under a budget (sweep rows and the capped headline rows),
     in value then budget order."""
@@ -83,7 +89,8 @@ def sweep_table(rows: list[dict]) -> list[dict]:
         rec = _recipe(r)
         if rec is not None and rec.offload_kind != "stream" and rec.transformer in VALUE_OF:
             stock.append((VALUE_OF[rec.transformer], r))
-    # (value, budget) -> the last streamed row measured under that budget; a `generate --vram` row (kind cli: the
+    # (value, budget) -> the latest streamed row measured under that budget (by its time stamp, else the order
+    # given); a `generate --vram` row (kind cli: the
     # planner's own choice, T5 and tiling as it chose) stands for a point only where no sweep/headline row ran it
     points: dict = {}
     for r in ok:
@@ -92,8 +99,14 @@ def sweep_table(rows: list[dict]) -> list[dict]:
         if rec is None or rec.offload_kind != "stream" or budget is None or rec.transformer not in VALUE_OF:
             continue
         key = (VALUE_OF[rec.transformer], float(budget))
-        if sc.get("kind") == "cli" and key in points and (points[key].get("scenario") or {}).get("kind") != "cli":
-            continue
+        old = points.get(key)
+        if old is not None:
+            if sc.get("kind") == "cli" and (old.get("scenario") or {}).get("kind") != "cli":
+                continue
+            t_new, t_old = _stamp(r), _stamp(old)
+            if t_new and t_old and t_new < t_old and not (
+                    (old.get("scenario") or {}).get("kind") == "cli" and sc.get("kind") != "cli"):
+                continue  # an older measurement of the same point (files given in any order)
         points[key] = r
     out = []
     for (value, budget), r in points.items():
@@ -135,6 +148,10 @@ def plot_sweep(table: list[dict], path: Path, title: str) -> bool:
             ax.plot([e["budget_gb"] for e in st], [e["stock_s_per_step"] for e in st], "s--", color=line.get_color(),
                     alpha=0.6, label=f"{value} best stock that fits")
     ax.set_xscale("log", base=2)
+    budgets = sorted({e["budget_gb"] for e in table})
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([f"{b:g}" for b in budgets])
+    ax.minorticks_off()
     ax.set_xlabel("VRAM budget (GB, hard cap)")
     ax.set_ylabel("s/step (median)")
     ax.set_title(title, fontsize=9)
