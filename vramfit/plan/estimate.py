@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from .data import COMPONENTS, GB, Shape, calibration, offload_kind
 from .latency import cold_start, compute_step, offload_times, stage_compute
-from .memory import (host_gb, resolved_k, stage_peaks, stream_blocks, stream_load_peak_gb,
+from .memory import (host_gb, resolved_k, stage_peaks, stream_blocks, stream_host_load_peak_gb, stream_load_peak_gb,
                      stream_stage_peaks)
 from .weights import layout
 
@@ -29,6 +29,9 @@ def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hu
         load = stream_load_peak_gb(model, recipe, resolved_k(model, recipe))
         if load:  # quantize-on-load brings a whole quantized component onto the GPU before its blocks move out
             stage_peak["load"] = load
+    host = host_gb(model, recipe)
+    if offload_kind(recipe) == "stream" and weights_kind in ("hub", "dir"):
+        host = max(host, stream_host_load_peak_gb(model, recipe))  # a checkpoint lands in host memory first
     step = compute_step(model, recipe, shape, gpu, assumed)
     moves = offload_times(model, recipe, gpu, weights_kind, step, stage_compute(model, recipe, shape, gpu), assumed)
     pl = c["pipeline"]
@@ -42,7 +45,7 @@ def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hu
         assumed.append("expected error of " + ", ".join(err["assumed"]) + " (never measured)")
     assumed = sorted(set(assumed))
     return {
-        "peak_vram_gb": round(max(stage_peak.values()), 3), "peak_host_gb": round(host_gb(model, recipe), 2),
+        "peak_vram_gb": round(max(stage_peak.values()), 3), "peak_host_gb": round(host, 2),
         "weights_gb": {k: round(layout(model, k, getattr(recipe, k)).total / GB, 3) for k in COMPONENTS},
         "stage_peak_gb": {k: round(v, 3) for k, v in stage_peak.items()},
         "step_s": round(moves["step"], 4), "encode_s": round(encode, 3), "denoise_s": round(denoise, 3),

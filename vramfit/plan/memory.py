@@ -162,6 +162,29 @@ def stage_peaks(model: str, recipe, shape: Shape) -> dict[str, float]:
     return out
 
 
+def stream_host_load_peak_gb(model: str, recipe) -> float:
+    """Peak host RAM (GB) while ``offload=stream`` loads from a checkpoint (``--weights hub|DIR``): the streamed
+    components load in order (T5, then the transformer); one quantized block by block from host memory
+    (``stream.blockwise_from_host``) or left in bf16 first lands whole in host memory in bf16, beside the pinned
+    store of the components parked before it. The random stand-in is drawn block by block instead, so its peak is
+    ``host_gb``. H200, 2026-12-02, ``generate --vram 3GB --weights DIR`` (nf4 T5 + transformer): 30.7 GB peak,
+    where ``host_gb`` says 12.0."""
+    from .. import stream
+
+    c = calibration()
+    split = stream_split(model, recipe, resolved_k(model, recipe))
+    parked, peak = 0.0, 0.0
+    for comp in ("text_encoder_2", "transformer"):
+        if comp not in split:
+            continue
+        value = getattr(recipe, comp)
+        whole = (layout(model, comp, "bf16").total if value == "bf16" or stream.blockwise_from_host(value, comp)
+                 else 0)  # else quantized on load on the GPU, then parked: no bf16 copy in host memory
+        peak = max(peak, parked + whole)
+        parked += sum(split[comp][1])
+    return c["pipeline"]["host_base_gb"] + max(peak, parked) / GB
+
+
 def host_gb(model: str, recipe) -> float:
     """Peak host RAM (GB): the process base + what the offload strategy keeps in host memory."""
     c = calibration()
