@@ -542,17 +542,22 @@ def test_checkpoint_stream_quantizes_the_transformer_block_by_block_and_matches_
     assert any("PipelineQuantizationConfig" in s.get("api", "") for s in none_load)  # the other path, really
 
 
-def test_device_stream_sweep_group_reattaches_each_budget_and_keeps_the_image():
-    """benchmarks/device_stream.py's sweep group (one build per value, the executor re-attached with each budget's
-    K, smallest first): every budget is a row with its own K and recipe, the image does not change with K, and a
-    budget resolving to the previous recipe is a row saying so."""
+def _device_stream():
+    """benchmarks/device_stream.py as a module (it is a script, not part of the package)."""
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "device_stream.py"
     spec = importlib.util.spec_from_file_location("device_stream", path)
     ds = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ds)
+    return ds
+
+
+def test_device_stream_sweep_group_reattaches_each_budget_and_keeps_the_image():
+    """benchmarks/device_stream.py's sweep group (one build per value, the executor re-attached with each budget's
+    K, smallest first): every budget is a row with its own K and recipe, the image does not change with K, and a
+    budget resolving to the previous recipe is a row saying so."""
+    ds = _device_stream()
     out = ds.child_sweep({"value": "bf16", "budgets_gb": [12, 3, 4, 8, 16, 24], "steps": 2}, smoke=True)
     rows = out["rows"]
     assert [r["name"] for r in rows] == [f"sweep-bf16-{gb}GB" for gb in (3, 4, 8, 12, 16, 24)]
@@ -570,15 +575,9 @@ def test_device_stream_sweep_group_reattaches_each_budget_and_keeps_the_image():
 def test_device_stream_sweep_group_goes_on_after_an_out_of_memory_in_generate(monkeypatch):
     """An out-of-memory while generating at one budget is that budget's row; the pipeline is already built, so the
     next budget re-attaches and runs (2026-12-02: fp8 at 3 GB stopped its whole group). Another error stops it."""
-    import importlib.util
-    from pathlib import Path
-
     from vramfit import run
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "device_stream.py"
-    spec = importlib.util.spec_from_file_location("device_stream_oom", path)
-    ds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ds)
+    ds = _device_stream()
     real = run.Runner.generate
     calls = {"n": 0}
 

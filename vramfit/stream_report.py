@@ -80,6 +80,17 @@ def _stamp(row: dict):
     return stamp(row)
 
 
+def _supersedes(new: dict, old: dict) -> bool:
+    """Whether ``new`` stands for a (value, budget) point instead of ``old``: a sweep or headline row over a
+    `generate --vram` row (kind cli: the planner's own choice, T5 and tiling as it chose); between rows of one kind,
+    the later measurement by time stamp (files come in any order), else the later row given."""
+    new_cli, old_cli = ((x.get("scenario") or {}).get("kind") == "cli" for x in (new, old))
+    if new_cli != old_cli:
+        return old_cli
+    t_new, t_old = _stamp(new), _stamp(old)
+    return not (t_new and t_old and t_new < t_old)
+
+
 def sweep_table(rows: list[dict]) -> list[dict]:
     """One entry per (value, budget) measured streamed under a budget (sweep rows and the capped headline rows),
     in value then budget order."""
@@ -89,9 +100,7 @@ def sweep_table(rows: list[dict]) -> list[dict]:
         rec = _recipe(r)
         if rec is not None and rec.offload_kind != "stream" and rec.transformer in VALUE_OF:
             stock.append((VALUE_OF[rec.transformer], r))
-    # (value, budget) -> the latest streamed row measured under that budget (by its time stamp, else the order
-    # given); a `generate --vram` row (kind cli: the
-    # planner's own choice, T5 and tiling as it chose) stands for a point only where no sweep/headline row ran it
+    # (value, budget) -> the streamed row that stands for that budget (``_supersedes``)
     points: dict = {}
     for r in ok:
         rec, sc = _recipe(r), r.get("scenario") or {}
@@ -99,15 +108,8 @@ def sweep_table(rows: list[dict]) -> list[dict]:
         if rec is None or rec.offload_kind != "stream" or budget is None or rec.transformer not in VALUE_OF:
             continue
         key = (VALUE_OF[rec.transformer], float(budget))
-        old = points.get(key)
-        if old is not None:
-            if sc.get("kind") == "cli" and (old.get("scenario") or {}).get("kind") != "cli":
-                continue
-            t_new, t_old = _stamp(r), _stamp(old)
-            if t_new and t_old and t_new < t_old and not (
-                    (old.get("scenario") or {}).get("kind") == "cli" and sc.get("kind") != "cli"):
-                continue  # an older measurement of the same point (files given in any order)
-        points[key] = r
+        if key not in points or _supersedes(r, points[key]):
+            points[key] = r
     out = []
     for (value, budget), r in points.items():
         fits = [s for v, s in stock if v == value and (
