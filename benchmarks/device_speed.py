@@ -10,23 +10,24 @@ size: flux-dev stand-in, 1024x1024, 28 steps, 3 warm runs (median), seed 0. In o
 fits what is left of ``--budget-s`` (else a row "not-run: budget" saying so):
 
 1. ``bf16``                 bf16 eager: the baseline and the fidelity reference                       (~45 s)
-2. ``fast-cold``            the fastest no-cache candidate (fp8 dynamic per-row, fused QKV, regional compile +
-                            CUDA graphs), with an EMPTY compile cache: its cold start is the uncached one (~240 s)
-3. ``taylorseer``           bf16 eager + ``cache=taylorseer:4`` (fixed interval: the speed is the real model's;
-                            fidelity against bf16 = the uncached run of the same recipe)               (~40 s)
-4. ``fast-cached``          the same recipe as 2 in a new process WITH the cache 2 saved: the cached cold start
-                                                                                                       (~80 s)
-5. ``profile``              torch.profiler over 3 warm steps of the fastest row so far: kernel time per step in
-                            linear / attention / other (name-based classes, stated in the row)         (~60 s)
-6. more candidates while budget remains: per-tensor fp8 (``torchao-fp8dq-tensor``), cuDNN attention, and the
-   flux-fast-style anchor (``compile=full+autotune+graphs``, fullgraph max-autotune: est. > 600 s, the 10-minute
-   command limit -- a row with that reason unless the budget allows it).
+2. ``fast-cold``            the fastest no-cache candidate (fp8 dynamic per-row, fused QKV, regional compile),
+                            with an EMPTY compile cache: its cold start is the uncached one            (~250 s)
+3. ``fast-cached``          the same recipe as 2 in a new process WITH the cache 2 saved: the cached cold start
+                                                                                                       (~100 s)
+4. ``fast-taylorseer``      2 + ``cache=taylorseer:4`` (fixed interval: the speed is the real model's), the cache
+                            hooks around the compiled blocks; it shares 2's compile-cache entry; fidelity against
+                            bf16 and against 2, the uncached run of the same recipe (``fidelity_vs``)  (~110 s)
+5. ``profile``              torch.profiler over one warm generation of the fastest no-cache row: kernel time per
+                            step in linear / attention / other (name-based classes, stated in the row)  (~90 s)
+6. ``taylorseer``           bf16 eager + ``cache=taylorseer:4``, fidelity also against bf16            (~40 s)
+7. more candidates while budget remains: CUDA graphs on the fast recipe (an ablation: +194 s of compile and no
+   gain in session 8), per-tensor fp8 (``torchao-fp8dq-tensor``), cuDNN attention, and the flux-fast-style anchor
+   (``compile=full+autotune+graphs``, fullgraph max-autotune: est. > 600 s, the 10-minute command limit -- a row
+   with that reason unless the budget allows it).
 
-Estimated GPU time: ~705 s for 1-5, more than one 10-minute command: fast-cold alone measured ~480 s on 2026-12-02
-(49 s load, 364 s compile), so run it in two calls on one warm machine, the second keeping the first's cache:
-    VRAMFIT_SPEED_ONLY=fast-cold bash benchmarks/device_round.sh speed:560
-    VRAMFIT_SPEED_KEEP=1 VRAMFIT_SPEED_ONLY=fast-cached,taylorseer,profile bash benchmarks/device_round.sh speed:300
-(the budget cuts what does not fit, with a row saying so).
+Estimated GPU time: ~600 s for 1-6 (one 10-minute command: ``bash benchmarks/device_round.sh speed:555``).
+``VRAMFIT_SPEED_ONLY=a,b`` picks scenarios; ``VRAMFIT_SPEED_KEEP=1`` keeps an earlier call's work dir (its compile
+cache) on the same warm machine, so a second call can continue where the first stopped.
 Rows: ``$OUT/speed.jsonl`` (bench rows + ``speed`` fields: role, x vs bf16 eager, cache kind), the profile
 row in the same file, and a summary table on stdout with the JSON summary as the last line.
 """
@@ -47,32 +48,48 @@ sys.path.insert(0, str(ROOT))
 
 from vramfit import bench  # noqa: E402
 
-FAST = "transformer=torchao-fp8dq,fuse_qkv=on,compile=regional+graphs"
-# measured before (3.16 s warm, 170 s compile): used in FAST's place when FAST fails (fused QKV / CUDA graphs untried)
+# 2026-12-02 (session 8): fp8dq + fused QKV + regional + CUDA graphs compiled for 364 s (twice fp8dq + regional's
+# 170 s) and then ran 0.104-0.107 s/step, no faster than fp8dq + regional (0.105): the graphs are an ablation row now
+FAST = "transformer=torchao-fp8dq,fuse_qkv=on,compile=regional"
+# measured before (3.16 s warm, 170 s compile): used in FAST's place when FAST fails
 FALLBACK = "transformer=torchao-fp8dq,compile=regional"
 FULL = [  # (name, recipe, role, est_s on the H200, note)
     ("bf16", "bf16", "baseline", 45, "bf16 eager, no compile: the baseline and the fidelity reference"),
-    # 2026-12-02 (session 8): load 49 s + first-step compile 364 s, then ~0.105 s/step: ~480 s with 3 warm runs
-    ("fast-cold", FAST, "candidate+cold-uncached", 480,
+    # session 9: 30 s load + 200 s compile, 237 s of it (in fast-taylorseer) torchao's coordinate-descent tuning,
+    # which vramfit no longer lets torchao switch on (+cdtune asks for it): est. for the compile without it
+    ("fast-cold", FAST, "candidate+cold-uncached", 110,
      "fastest no-cache candidate; empty compile cache: its cold start is the uncached one"),
+    # session 9: killed at 221 s, still compiling with fast-cold's entry loaded (fast-cold: 30 s load + 200 s compile)
+    ("fast-cached", FAST, "cold-cached", 245, "same recipe as fast-cold, new process, with the cache fast-cold saved"),
+    # the step cache's hooks run around the compiled blocks, so this recipe shares fast-cold's compile-cache entry
+    ("fast-taylorseer", FAST + ",cache=taylorseer:4", "cache", 240,
+     "the fast recipe + TaylorSeer lite, interval 4 (fixed schedule: speed independent of the weights); "
+     "fidelity_vs = against fast-cold, the uncached run of the same recipe"),
+    ("profile", None, "profile", 90, "torch.profiler breakdown of the fastest row"),
     ("taylorseer", "cache=taylorseer:4", "cache", 40,
-     "TaylorSeer lite, interval 4 (fixed schedule: speed independent of the weights)"),
-    ("fast-cached", FAST, "cold-cached", 80, "same recipe as fast-cold, new process, with the cache fast-cold saved"),
-    ("profile", None, "profile", 60, "torch.profiler breakdown of the fastest row"),
-    ("fp8-tensor", "transformer=torchao-fp8dq-tensor,fuse_qkv=on,compile=regional+graphs", "candidate", 240,
+     "bf16 eager + TaylorSeer lite, interval 4 (fixed schedule); fidelity_vs = against bf16"),
+    ("fast-graphs", FAST + "+graphs", "candidate", 480, "ablation: the fast recipe + CUDA graphs"),
+    ("fp8-tensor", "transformer=torchao-fp8dq-tensor,fuse_qkv=on,compile=regional", "candidate", 250,
      "per-tensor fp8 scales (flux-fast's default) instead of per-row"),
-    ("fast-cudnn", FAST + ",attention=_native_cudnn", "candidate", 240, "cuDNN SDPA (no FA3 wheel here)"),
+    ("fast-cudnn", FAST + ",attention=_native_cudnn", "candidate", 250, "cuDNN SDPA (no FA3 wheel here)"),
     ("flux-fast-anchor", "transformer=torchao-fp8dq-tensor,fuse_qkv=on,compile=full+autotune+graphs", "anchor", 900,
      "flux-fast style: fp8dq per-tensor, fused QKV, fullgraph max-autotune + CUDA graphs, inductor flags"),
 ]
 SMOKE = [  # the same roles on flux-tiny, CPU (graphs/fp8dq/autotune cannot run there: their CPU stand-ins)
     ("bf16", "bf16", "baseline", 40, ""),
     ("fast-cold", "fuse_qkv=on,compile=regional", "candidate+cold-uncached", 400, "CPU stand-in of the fast recipe"),
-    ("taylorseer", "cache=taylorseer:2", "cache", 40, ""),
     ("fast-cached", "fuse_qkv=on,compile=regional", "cold-cached", 300, ""),
+    ("fast-taylorseer", "fuse_qkv=on,compile=regional,cache=taylorseer:2", "cache", 300, ""),
     ("profile", None, "profile", 60, ""),
+    ("taylorseer", "cache=taylorseer:2", "cache", 40, ""),
     ("refused-graphs", "compile=regional+graphs", "candidate", 20, "refused on CPU: a row with the reason"),
 ]
+# a step-cache row is also scored against the uncached run of the same recipe (bench's compare_to -> fidelity_vs)
+# (the first that ran: a cache row may run before its uncached twin, which then starts from the shared cache entry)
+COMPARE_TO = {"fast-taylorseer": ("fast-cold", "fast-cached"), "taylorseer": ("bf16",)}
+# rows that also profile one more warm run in their own process (no second compile; the "profile" scenario is a
+# separate process that compiles again)
+PROFILE_IN_PROCESS = {"fast-cold", "fast-cached"}
 
 
 def scenario(name, recipe, role, est, note, smoke: bool) -> bench.Scenario:
@@ -85,14 +102,12 @@ def scenario(name, recipe, role, est, note, smoke: bool) -> bench.Scenario:
         name=name, recipe=recipe, expanded=str(Recipe.parse(recipe)), model=spec.name, weights="random",
         weights_seed=0, height=size, width=size, steps=steps, steps_default=steps, seeds=[0],
         repeats=1 if smoke else 3, prompt=bench.DEFAULT_PROMPT, guidance=None, tags=[role], note=note, est_s=est,
-        source="benchmarks/device_speed.py")
+        source="benchmarks/device_speed.py", compare_to=(COMPARE_TO.get(name) or (None,))[0],
+        profile=name in PROFILE_IN_PROCESS)
 
 
 def breakdown_child(job: dict) -> int:
     """Profile ``steps`` warm denoising steps of one recipe: CUDA (or CPU) kernel time per class per step."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     from vramfit import measure, models
     from vramfit.recipe import Recipe
     from vramfit.run import Runner, request_for
@@ -104,38 +119,9 @@ def breakdown_child(job: dict) -> int:
     req = request_for(spec, bench.DEFAULT_PROMPT, job["steps"], job["size"], job["size"], None, 0)
     runner.generate(req)  # cold (compile or cache load)
     runner.generate(req)  # warm
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        runner.generate(req)
-    classes = {"linear": 0.0, "attention": 0.0, "other": 0.0}
-    top: dict[str, float] = {}
-    for ev in prof.key_averages():
-        t = (ev.self_device_time_total if device.type == "cuda" else ev.self_cpu_time_total) / 1e6
-        if t <= 0 or (device.type == "cuda" and ev.device_type != torch.autograd.DeviceType.CUDA):
-            continue
-        classes[kernel_class(ev.key)] += t
-        top[ev.key[:120]] = top.get(ev.key[:120], 0.0) + t
-    steps = req.steps
-    row = {"recipe": job["recipe"], "device": str(device), "steps_profiled": steps, "encode_decode_included": True,
-           "s_per_step": {k: round(v / steps, 5) for k, v in classes.items()},
-           "total_kernel_s": round(sum(classes.values()), 4),
-           "top_kernels_s": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15]),
-           "classes": "by kernel name: linear = gemm/mm/matmul/scaled_mm/cutlass/cublas/triton mm templates; "
-                      "attention = flash/fmha/sdpa/attention/cudnn mha; other = the rest (norms, rope, "
-                      "activations, quantize/cast, fused pointwise). One whole generation (28 steps + encode + "
-                      "decode) divided by the step count"}
+    row = {"recipe": job["recipe"], **measure.profile_generation(lambda: runner.generate(req), device, req.steps)}
     Path(job["row_path"]).write_text(json.dumps(row))
     return 0
-
-
-def kernel_class(name: str) -> str:
-    n = name.lower()
-    if any(k in n for k in ("flash", "fmha", "sdpa", "attention", "attn", "mha")):
-        return "attention"
-    if any(k in n for k in ("gemm", "scaled_mm", "matmul", "cutlass", "cublas", "_mm", "addmm", "aten::mm",
-                            "aten::bmm", "sm90_xmma", "nvjet", "triton_tem")):
-        return "linear"
-    return "other"
 
 
 def run_profile(rows: list[dict], out: Path, device: str, smoke: bool, timeout: float) -> dict:
@@ -175,7 +161,7 @@ def main() -> int:
                     help="comma-separated scenario names (bf16, the reference, always runs)")
     ap.add_argument("--keep-work", action="store_true", default=bool(os.environ.get("VRAMFIT_SPEED_KEEP")),
                     help="keep --work (its compile cache) from an earlier call on the same machine: fast-cold then "
-                         "runs in one call and fast-cached in the next (fast-cold alone takes ~480 s)")
+                         "runs in one call and fast-cached in the next")
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.profile_child:
@@ -191,9 +177,10 @@ def main() -> int:
     results = Path(args.out) / "speed.jsonl"
     device = "cpu" if args.smoke else "cuda"
     table = SMOKE if args.smoke else FULL
-    if args.only:
-        keep = set(args.only.split(","))
-        table = [t for t in table if t[0] in keep or t[0] == "bf16"]  # the reference always runs
+    if args.only:  # in the order given, after bf16 (the reference always runs first)
+        keep = args.only.split(",")
+        by_name = {t[0]: t for t in table}
+        table = [by_name["bf16"]] + [by_name[n] for n in keep if n in by_name and n != "bf16"]
     cache_dir = out / "compile-cache"  # empty at the start of this script: fast-cold's start is uncached
     os.environ["VRAMFIT_CACHE_DIR"] = str(cache_dir)
     print(f"device_speed: {len(table)} scenarios, budget {args.budget_s:.0f} s, rows -> {results}", flush=True)
@@ -221,12 +208,22 @@ def main() -> int:
         bench.append_row(results, row)
         if name == "fast-cold" and row["status"] == "error" and row.get("exit_reason") != "timeout" and not args.smoke:
             # the untried parts failed: measure the known-good recipe's uncached and cached cold start instead
-            queue = [(n, FALLBACK if r == FAST else r, ro, e, no + " (fallback: fast-cold failed)" if r == FAST else no)
-                     for n, r, ro, e, no in queue]
+            queue = [(n, r.replace(FAST, FALLBACK), ro, e, no + " (fallback: fast-cold failed)")
+                     if r and r.startswith(FAST) else (n, r, ro, e, no) for n, r, ro, e, no in queue]
             queue.insert(1, ("fallback-cold", FALLBACK, "candidate+cold-uncached", 230,
                              "known-good recipe, empty compile cache (fast-cold failed)"))
         print(bench.table_line(row) if "steps" in row else f"{name:<30} {row['status']} {row.get('error') or ''}",
               flush=True)
+    # a cache row that ran before its uncached twin: scored against it now, from the files both left
+    for r in rows:
+        got = r.get("fidelity_vs") or {}
+        if r["status"] != "ok" or r["scenario"] not in COMPARE_TO or (got and not got.get("error")):
+            continue
+        for other in COMPARE_TO[r["scenario"]]:
+            if any(x["scenario"] == other and x["status"] == "ok" for x in rows):
+                r["fidelity_vs"] = bench.fidelity_vs_files(out, r["scenario"], other, [0])
+                break
+    bench.write_atomic(results, "".join(json.dumps(bench.finite(r), allow_nan=False) + "\n" for r in rows).encode())
     logs = Path(args.out) / "logs" / "speed"  # device_round.sh packs OUT/logs into logs.tgz
     logs.mkdir(parents=True, exist_ok=True)
     for f in (out / "logs").glob("*.log"):
@@ -240,13 +237,18 @@ def main() -> int:
             "scenario": r["scenario"], "status": r["status"], "recipe": r.get("recipe"), "warm_s": warm,
             "x_vs_bf16_eager": round(base["warm"]["total_s_median"] / warm, 3) if base and warm else None,
             "psnr_db": bench._g(r, "fidelity", "psnr_db"), "latent_rel_l2": bench._g(r, "fidelity", "latent_rel_l2"),
+            "vs": bench._g(r, "fidelity_vs", "scenario"), "psnr_vs_db": bench._g(r, "fidelity_vs", "psnr_db"),
+            "ssim_vs": bench._g(r, "fidelity_vs", "ssim"), "latent_rel_l2_vs": bench._g(r, "fidelity_vs", "latent_rel_l2"),
+            "steps_computed": next((e.get("steps_computed") for e in r.get("manifest") or []
+                                    if isinstance(e, dict) and e.get("step") == "cache"), None),
             "compile_cache": bench._g(r, "compile_cache", "status"),
             "to_first_image_uncached_s": bench._g(r, "cold_uncached", "to_first_image_s"),
             "to_first_image_cached_s": bench._g(r, "cold_cached", "to_first_image_s"),
             "breakdown_s_per_step": bench._g(r, "breakdown", "s_per_step"), "error": (r.get("error") or "")[:200]})
     for s in summary["rows"]:
         print(f"  {s['scenario']:<18} {s['status']:<8} warm {s['warm_s']} s  x{s['x_vs_bf16_eager']}  "
-              f"PSNR {s['psnr_db']}  cache {s['compile_cache']}  first image {s['to_first_image_uncached_s']} / "
+              f"PSNR {s['psnr_db']}" + (f" (vs {s['vs']}: {s['psnr_vs_db']})" if s["vs"] else "") +
+              f"  cache {s['compile_cache']}  first image {s['to_first_image_uncached_s']} / "
               f"{s['to_first_image_cached_s']} s  {s['breakdown_s_per_step'] or ''}", flush=True)
     print(json.dumps(summary), flush=True)
     return 0

@@ -435,3 +435,31 @@ def test_gpu_memory_and_timing_summaries():
     t = bench._timings(records)
     assert t["cold"]["total_s"] == 20.0 and t["cold"]["compile_s"] == 15.0  # compile stays out of warm numbers
     assert t["warm"]["n"] == 2 and t["warm"]["total_s_median"] == 5.5 and t["warm"]["s_per_step_p90"] == 0.198
+
+
+def test_compare_to_scores_a_scenario_against_another_and_profile_adds_a_breakdown(tmp_path):
+    """A step-cache row scored against the uncached run of the same recipe (``compare_to`` -> ``fidelity_vs``),
+    in process when that run came first and from the files both left when it came after; ``profile`` adds one
+    more warm run's kernel breakdown. (device_speed.py's cache rows use both.)"""
+    def sc(name, recipe, **kw):
+        return bench.Scenario(name=name, recipe=recipe, expanded=str(Recipe.parse(recipe)), model="flux-tiny",
+                              weights="random", weights_seed=0, height=64, width=64, steps=6, steps_default=6,
+                              seeds=[0], repeats=0, prompt="a fox", guidance=None, **kw)
+
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    plain = bench.run_scenario(sc("plain", "bf16", role="reference"), out, "cpu", timeout=300)
+    cached = bench.run_scenario(sc("cached", "cache=taylorseer:2", compare_to="plain", profile=True), out, "cpu",
+                                timeout=300)
+    assert plain["status"] == cached["status"] == "ok", (plain.get("error"), cached.get("error"))
+    vs = cached["fidelity_vs"]
+    assert vs["scenario"] == "plain" and vs["error"] is None and vs["images_identical"] is False
+    assert vs["latent_rel_l2"] > 0 and vs["latent_rel_l2"] == cached["fidelity"]["latent_rel_l2"]  # plain is bf16
+    br = cached["breakdown"]
+    assert set(br["s_per_step"]) == {"linear", "attention", "other"} and br["total_kernel_s"] > 0
+    assert br["steps_profiled"] == 6 and "breakdown" not in plain
+    # the other order: scored afterwards from the files (the same numbers)
+    back = bench.fidelity_vs_files(out, "cached", "plain", [0])
+    assert back["latent_rel_l2"] == vs["latent_rel_l2"] and back["psnr_db"] == vs["psnr_db"]
+    missing = bench.fidelity_vs_files(out, "cached", "never-ran", [0])
+    assert missing["error"] and "never-ran" in missing["error"]

@@ -260,3 +260,8 @@ def test_stream_sweep_point_is_the_latest_measurement_whatever_the_file_order():
     for order in ([old, new], [new, old]):
         (e,) = stream_report.sweep_table(order)
         assert e["s_per_step"] == 0.1887
+    # a later streamed + compiled row of the same budget is not the sweep's point: the sweep compares eager runs
+    compiled = {**_stream_row("nf4-stream-3GB-regional", f"{nf4},offload=stream:4,compile=regional", 0.1583, 2.77,
+                              cap=3, k=4), "command": "device_stream.py --budget-s 540 @ 2026-12-02T18:00:47Z"}
+    (e,) = stream_report.sweep_table([old, new, compiled])
+    assert e["s_per_step"] == 0.1887

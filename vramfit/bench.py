@@ -71,6 +71,10 @@ class Scenario:
     est_s: float | None = None  # estimated seconds on the GPU the file was written for (planning only)
     source: str = ""
     role: str = "scenario"  # or "reference"
+    # another scenario of the same out dir (run before this one) to score against as well: a step cache against
+    # the uncached run of the same recipe (``fidelity_vs``), beside the bf16 reference
+    compare_to: str | None = None
+    profile: bool = False  # one more warm run under torch.profiler: kernel time per step by class ("breakdown")
 
     @property
     def ref_key(self) -> str:
@@ -727,6 +731,10 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
         if s.role == "reference" and seed not in last:  # the reference is each seed's first run
             write_reference(out, s.ref_key, seed, res.latents, res.image)
         last[seed] = res  # fidelity is scored on each seed's last (warm) run
+    breakdown = None
+    if s.profile:  # after the timed runs, so that none of them pays the profiler's overhead
+        breakdown = {"recipe": str(recipe), **measure.profile_generation(lambda: runner.generate(req), device,
+                                                                         req.steps)}
     runner.close()
     rec = records[-1]
     result = {"device": rec["device"], "versions": rec["versions"], "manifest": rec["manifest"],
@@ -736,17 +744,27 @@ def measure_scenario(s: Scenario, out: Path, device_arg: str, row: dict) -> dict
               "runs": [{"seed": r["request"]["seed"], "run_index": r["run_index"], "latents": r["latents"],
                         "timings": r["timings"], "memory": r["memory"]} for r in records]}
     result.update(_cold_start(records, rec["manifest"], import_s))
+    if breakdown is not None:
+        result["breakdown"] = breakdown
     images_dir = out / "images"
     images_dir.mkdir(exist_ok=True)
     result["images"] = {}
+    (out / "latents").mkdir(exist_ok=True)
     for seed, res in last.items():
         p = images_dir / f"{safe_name(s.name)}-s{seed}.png"
         write_atomic(p, _png_bytes(res.image))
         result["images"][str(seed)] = str(p.relative_to(out))
+        # each scenario's last latents too, so that a later scenario can be scored against it (compare_to)
+        write_atomic(out / "latents" / f"{safe_name(s.name)}-s{seed}.pt", _tensor_bytes(res.latents))
     try:  # the measurements above stand even if scoring fails
         result["fidelity"] = _fidelity(s, out, last)
     except Exception as e:  # noqa: BLE001
         result["fidelity"] = {"reference": s.ref_key, "error": f"{type(e).__name__}: {e}"}
+    if s.compare_to:
+        try:
+            result["fidelity_vs"] = _fidelity_vs(s.compare_to, out, last)
+        except Exception as e:  # noqa: BLE001
+            result["fidelity_vs"] = {"scenario": s.compare_to, "error": f"{type(e).__name__}: {e}"}
     if s.role == "reference":
         result["reference_files"] = {str(seed): [str(p.relative_to(out)) for p in ref_paths(out, s.ref_key, seed)]
                                      for seed in s.seeds}
@@ -820,11 +838,6 @@ def _memory(records: list[dict]) -> dict:
 
 def _fidelity(s: Scenario, out: Path, last: dict) -> dict:
     """Each seed's image and latents against the bf16 reference of the same key."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
     per_seed = []
     for seed, res in last.items():
         lat_path, png_path = ref_paths(out, s.ref_key, seed)
@@ -832,27 +845,72 @@ def _fidelity(s: Scenario, out: Path, last: dict) -> dict:
         if why:
             per_seed.append({"seed": seed, "error": f"reference {lat_path.relative_to(out)}: {why} (reference failed?)"})
             continue
-        ref_lat = torch.load(lat_path)
-        a = np.asarray(Image.open(png_path).convert("RGB"))
-        b = np.asarray(res.image.convert("RGB"))
-        if a.shape != b.shape or ref_lat.shape != res.latents.shape:
-            per_seed.append({"seed": seed, "error": f"shape {b.shape} vs reference {a.shape}"})
+        per_seed.append(_compare(seed, lat_path, png_path, res))
+    return {"reference": s.ref_key, **_fidelity_summary(per_seed)}
+
+
+def _fidelity_vs(name: str, out: Path, last: dict) -> dict:
+    """Each seed's image and latents against another scenario's last run of the same seed (``compare_to``)."""
+    per_seed = []
+    for seed, res in last.items():
+        lat_path = out / "latents" / f"{safe_name(name)}-s{seed}.pt"
+        png_path = out / "images" / f"{safe_name(name)}-s{seed}.png"
+        if not (lat_path.is_file() and png_path.is_file()):
+            per_seed.append({"seed": seed, "error": f"scenario {name!r} left no image/latents of seed {seed} "
+                                                    "(not run, or failed, before this one)"})
             continue
-        identical = bool(np.array_equal(a, b))
-        per_seed.append({
-            "seed": seed,
-            "psnr_db": None if identical else round(float(peak_signal_noise_ratio(a, b, data_range=255)), 3),
-            "ssim": round(float(structural_similarity(a, b, channel_axis=2, data_range=255)), 5),
-            "latent_rel_l2": float(f"{((res.latents - ref_lat).norm() / ref_lat.norm()).item():.6g}"),
-            "images_identical": identical,
-        })
+        per_seed.append(_compare(seed, lat_path, png_path, res))
+    return {"scenario": name, **_fidelity_summary(per_seed)}
+
+
+def fidelity_vs_files(out: Path, name: str, other: str, seeds: list[int]) -> dict:
+    """``fidelity_vs`` of scenario ``name`` against ``other`` from the latents and images both left in ``out``
+    (for a scenario that ran before the one it is scored against)."""
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    last = {}
+    for seed in seeds:
+        lat = out / "latents" / f"{safe_name(name)}-s{seed}.pt"
+        png = out / "images" / f"{safe_name(name)}-s{seed}.png"
+        if lat.is_file() and png.is_file():
+            last[seed] = SimpleNamespace(latents=torch.load(lat), image=Image.open(png))
+    if not last:
+        return {"scenario": other, "error": f"scenario {name!r} left no latents/images in {out}"}
+    return _fidelity_vs(other, out, last)
+
+
+def _compare(seed: int, lat_path: Path, png_path: Path, res) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    ref_lat = torch.load(lat_path)
+    a = np.asarray(Image.open(png_path).convert("RGB"))
+    b = np.asarray(res.image.convert("RGB"))
+    if a.shape != b.shape or ref_lat.shape != res.latents.shape:
+        return {"seed": seed, "error": f"shape {b.shape} vs reference {a.shape}"}
+    identical = bool(np.array_equal(a, b))
+    return {
+        "seed": seed,
+        "psnr_db": None if identical else round(float(peak_signal_noise_ratio(a, b, data_range=255)), 3),
+        "ssim": round(float(structural_similarity(a, b, channel_axis=2, data_range=255)), 5),
+        "latent_rel_l2": float(f"{((res.latents - ref_lat).norm() / ref_lat.norm()).item():.6g}"),
+        "images_identical": identical,
+    }
+
+
+def _fidelity_summary(per_seed: list[dict]) -> dict:
     ok = [p for p in per_seed if "error" not in p]
 
     def mean(k):
         return None if not ok or any(p[k] is None for p in ok) else round(sum(p[k] for p in ok) / len(ok), 6)
 
     psnrs = [p["psnr_db"] for p in ok if p["psnr_db"] is not None]
-    return {"reference": s.ref_key, "seeds": len(ok), "per_seed": per_seed,
+    return {"seeds": len(ok), "per_seed": per_seed,
             "psnr_db": round(sum(psnrs) / len(psnrs), 3) if psnrs else None,  # identical images: PSNR is infinite
             "images_identical": bool(ok) and all(p["images_identical"] for p in ok),
             "ssim": mean("ssim"), "latent_rel_l2": mean("latent_rel_l2"),

@@ -61,6 +61,17 @@ def key_parts(device, model: str, recipe: str, height: int, width: int, batch: i
             "shape": {"height": height, "width": width, "batch": batch, "text_len": text_len}}
 
 
+def key_recipe(recipe) -> str:
+    """The recipe as the key holds it: without ``cache=``. A step cache's hooks run in Python around the compiled
+    blocks (``runtime.compile_block_forwards``), so the same recipe with and without a step cache compiles the same
+    block graphs and shares one entry (whether inductor found them is in the compile step's ``inductor_cache``)."""
+    from .recipe import Recipe
+
+    if isinstance(recipe, Recipe) and recipe.cache != "none":
+        return str(recipe.with_(cache="none"))
+    return str(recipe)
+
+
 def key_of(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -85,7 +96,8 @@ class CompileCache:
 
     def _parts(self, req) -> dict:
         r = self.runner
-        return key_parts(r.device, r.spec.name, str(r.recipe), req.height, req.width, 1, req.max_sequence_length)
+        return key_parts(r.device, r.spec.name, key_recipe(r.recipe), req.height, req.width, 1,
+                         req.max_sequence_length)
 
     def before(self, req, manifest) -> dict:
         parts = self._parts(req)

@@ -162,3 +162,46 @@ def stage(device: torch.device, memory: Memory, record: dict, name: str):
         sync(device)
         out["s"] = round(time.perf_counter() - t0, 4)
         out.update(memory.peak())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# where a generation's kernel time goes (the speed path's per-step breakdown)
+
+KERNEL_CLASSES = ("by kernel name: linear = gemm/mm/matmul/scaled_mm/cutlass/cublas/triton mm templates; "
+                  "attention = flash/fmha/sdpa/attention/cudnn mha; other = the rest (norms, rope, activations, "
+                  "quantize/cast, fused pointwise). One whole generation (steps + encode + decode) divided by the "
+                  "step count")
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "sdpa", "attention", "attn", "mha")):
+        return "attention"
+    if any(k in n for k in ("gemm", "scaled_mm", "matmul", "cutlass", "cublas", "_mm", "addmm", "aten::mm",
+                            "aten::bmm", "sm90_xmma", "nvjet", "triton_tem")):
+        return "linear"
+    return "other"
+
+
+def profile_generation(generate, device: torch.device, steps: int) -> dict:
+    """Run ``generate()`` once under torch.profiler: kernel time (CUDA on a GPU, CPU ops otherwise) per class per
+    step, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        generate()
+    wall = time.perf_counter() - t0
+    classes = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    top: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = (ev.self_device_time_total if device.type == "cuda" else ev.self_cpu_time_total) / 1e6
+        if t <= 0 or (device.type == "cuda" and ev.device_type != torch.autograd.DeviceType.CUDA):
+            continue
+        classes[kernel_class(ev.key)] += t
+        top[ev.key[:120]] = top.get(ev.key[:120], 0.0) + t
+    return {"device": str(device), "steps_profiled": steps, "encode_decode_included": True,
+            "s_per_step": {k: round(v / steps, 5) for k, v in classes.items()},
+            "total_kernel_s": round(sum(classes.values()), 4), "profiled_wall_s": round(wall, 4),
+            "top_kernels_s": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15]), "classes": KERNEL_CLASSES}

@@ -182,19 +182,25 @@ def _torchao_config(value: str):
         PerTensor,
     )
 
+    # set_inductor_config=False: by default every torchao config calls recommended_inductor_config_setter(), which
+    # turns on inductor's coordinate-descent tuning for the whole process, unrecorded and never undone: 237 of the
+    # 258 s that the first compile of fp8dq + regional took on the H200 (session 9, compile_phases_s). vramfit
+    # applies those flags itself with compile (runtime.TORCHAO_INDUCTOR: journaled, in the manifest) -- for torchao
+    # recipes as torchao would, unless compile=...+nocdtune.
+    kw = {"set_inductor_config": False}
     if value == "torchao-int8wo":
-        return Int8WeightOnlyConfig()
+        return Int8WeightOnlyConfig(**kw)
     if value == "torchao-int4wo":
         # tinygemm layout: runs on CUDA with torch's own kernels; the default "plain" layout needs mslk
-        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d", **kw)
     if value == "torchao-fp8wo":
-        return Float8WeightOnlyConfig()
+        return Float8WeightOnlyConfig(**kw)
     if value == "torchao-fp8dq":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **kw)
     if value == "torchao-fp8dq-tensor":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor())
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), **kw)
     if value == "torchao-int8dq":
-        return Int8DynamicActivationInt8WeightConfig()
+        return Int8DynamicActivationInt8WeightConfig(**kw)
     raise ValueError(value)
 
 
@@ -658,7 +664,7 @@ def quantize_component(module: torch.nn.Module, component: str, value: str, devi
         quantize_(module, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not _skipped(fqn, skip),
                   device=device)
         module.to(device)
-        api = f"torchao.quantization.quantize_(module, {type(cfg).__name__}(...))"
+        api = f"torchao.quantization.quantize_(module, {type(cfg).__name__}(..., set_inductor_config=False))"
     elif spec.family == "quanto":
         from optimum.quanto import qfloat8, qint4, qint8
 

@@ -11,8 +11,11 @@ error. Keys:
   prints in the new form);
 * ``offload`` = none | model | sequential | group-block | group-leaf | staged | stream | stream:K
   (``stream``: K resident blocks chosen from the budget, K=0 without one; ``stream:K``: exactly K);
-* ``compile`` = off | regional | full, optionally followed by ``+graphs`` (CUDA graphs) and/or ``+autotune``
-  (inductor max-autotune), e.g. ``compile=full+autotune+graphs``;
+* ``compile`` = off | regional | full, optionally followed by ``+graphs`` (CUDA graphs), ``+autotune``
+  (inductor max-autotune), ``+cdtune`` / ``+nocdtune`` (inductor's coordinate-descent tuning of its Triton
+  kernels on / off: torchao's recommended flags, which its configs set process-wide by default; vramfit applies
+  them itself, recorded, for a torchao recipe unless ``+nocdtune``, and for any recipe with ``+cdtune``), e.g.
+  ``compile=full+autotune+graphs``;
 * ``attention`` = a diffusers attention backend name (``native`` is diffusers' default);
 * ``compile_vae`` = off | on; ``fuse_qkv`` = off | on; ``host_sync`` = keep | avoid (avoid: the scheduler's
   begin index is set before the loop, which removes a host sync per step);
@@ -42,7 +45,7 @@ QUANT_VALUES = (
 # offload kinds; ``stream`` also takes ``stream:K``
 OFFLOADS = ("none", "model", "sequential", "group-block", "group-leaf", "staged", "stream")
 COMPILES = ("off", "regional", "full")  # compile scopes; ``+graphs`` / ``+autotune`` are flags on a scope
-COMPILE_FLAGS = ("graphs", "autotune")
+COMPILE_FLAGS = ("graphs", "autotune", "cdtune", "nocdtune")
 VAE_MODES = ("none", "tiling", "slicing")
 SWITCHES = ("off", "on")
 HOST_SYNC = ("keep", "avoid")
@@ -146,6 +149,12 @@ class Recipe:
         return "autotune" in self.compile.split("+")[1:]
 
     @property
+    def compile_cdtune(self) -> bool | None:
+        """True for +cdtune, False for +nocdtune, None when the recipe does not say (torchao's default: on)."""
+        flags = self.compile.split("+")[1:]
+        return True if "cdtune" in flags else False if "nocdtune" in flags else None
+
+    @property
     def cache_kind(self) -> str:
         return self.cache.partition(":")[0]
 
@@ -224,7 +233,7 @@ def _field_for(key: str, value: str) -> str:
             _choice(key, value, OFFLOADS, extra=" (stream also takes stream:K)")
     elif key == "compile":
         scope, *flags = value.split("+")
-        _choice(key, scope, COMPILES, extra=", optionally +graphs and/or +autotune (e.g. full+autotune+graphs)")
+        _choice(key, scope, COMPILES, extra=", optionally +graphs, +autotune, +cdtune or +nocdtune (e.g. full+autotune+graphs)")
         for f in flags:
             if f in COMPILES:
                 raise RecipeError(f"compile={value!r} names two compile scopes ({scope} and {f}); choose one")
@@ -232,6 +241,9 @@ def _field_for(key: str, value: str) -> str:
                 raise RecipeError(f"compile={value!r}: unknown flag {f!r}; flags: {', '.join(COMPILE_FLAGS)}")
         if len(set(flags)) != len(flags):
             raise RecipeError(f"compile={value!r} repeats a flag")
+        if "cdtune" in flags and "nocdtune" in flags:
+            raise RecipeError(f"compile={value!r} asks for coordinate-descent tuning on and off; keep one of "
+                              "+cdtune / +nocdtune")
     elif key in ("compile_vae", "fuse_qkv"):
         _choice(key, value, SWITCHES)
     elif key == "host_sync":

@@ -27,6 +27,18 @@ FLUX_FAST_INDUCTOR = {
 }
 
 
+# torchao's recommended_inductor_config_setter() (torchao/quantization/utils.py): coordinate-descent tuning of every
+# Triton kernel at its first compile (237 s of fp8dq + regional's 258 s on the H200), and its other flags. Applied
+# with compile for torchao recipes (as torchao's configs would), and for any recipe with +cdtune; not with +nocdtune
+TORCHAO_INDUCTOR = {
+    "torch._inductor.config.coordinate_descent_tuning": True,
+    "torch._inductor.config.coordinate_descent_check_all_directions": True,
+    "torch._inductor.config.force_fuse_int_mm_with_mul": True,
+    "torch._inductor.config.fx_graph_cache": True,
+    "torch._inductor.config.triton.unique_kernel_names": True,
+}
+
+
 class NotApplied(RuntimeError):
     """A requested runtime option is not in effect (its check failed)."""
 
@@ -94,11 +106,14 @@ def problems(recipe, device_type: str):
     if autotune and device_type != "cuda":
         yield ("compile +autotune (max-autotune) benchmarks Triton GPU kernels; there is no GPU here",
                f"compile={scope} without +autotune")
-    if kind != "none" and scope != "off":
+    if kind != "none" and (scope == "full" or graphs):
+        # with compile=regional the blocks' own forward is compiled and the cache hooks wrap it in Python
+        # (cache_compiled_blocks); a whole-model graph or a CUDA graph would have to capture the hooks' decisions
         yield (f"cache={recipe.cache} with compile={recipe.compile}: the cache hooks decide per step in Python "
                "whether the blocks run (state kept between calls), a graph break that fullgraph compile refuses, "
                "and CUDA graphs cannot capture"), \
-            f"cache={recipe.cache} with compile=off, or compile={recipe.compile} with cache=none"
+            f"cache={recipe.cache} with compile=regional (the blocks compiled, the hooks around them), or " \
+            f"compile={recipe.compile} with cache=none"
     if kind != "none" and offload in ("sequential", "group-leaf"):
         yield (f"cache={recipe.cache} with offload={recipe.offload}: the cache hooks and the per-leaf offload hooks "
                "both wrap the same blocks' forward"), f"cache={recipe.cache} with offload=model or offload=none"
@@ -222,6 +237,11 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
         manifest.add("attention", backend=recipe.attention, api=f"transformer.set_attention_backend({recipe.attention!r})",
                      processors=len(got), check="every attention processor's _attention_backend", verified=True)
     kind, arg = cache_spec(recipe)
+    scope = compile_scope(recipe)
+    hooked_compile = None
+    if kind != "none" and scope == "regional":
+        # before the cache: its hooks then wrap the compiled forward, and their per-step decision stays in Python
+        hooked_compile = compile_block_forwards(tr, recipe)
     if kind != "none":
         cfg, info = cache_config(kind, arg)
         tr.enable_cache(cfg)
@@ -231,12 +251,14 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
         manifest.add("cache", kind=kind, api=f"transformer.enable_cache({type(cfg).__name__}(...))", **info,
                      hooked_modules=len(hooks), verified=True)
         install_block_counter(tr)
-    scope = compile_scope(recipe)
     if scope != "off":
         mode = compile_mode(recipe)
         kwargs = {"fullgraph": True, **({"mode": mode} if mode else {})}
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        if scope == "regional":
+        if hooked_compile is not None:
+            blocks, compiled = hooked_compile
+            api = f"block.forward = torch.compile(block.forward, {shown}) for each repeated block, before the cache hooks"
+        elif scope == "regional":
             # in place (module.compile): assigning a compiled wrapper would break offload hooks (DESIGN pitfalls)
             tr.compile_repeated_blocks(**kwargs)
             if compile_graphs(recipe):
@@ -259,11 +281,39 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
 
         manifest.add("compile", mode=scope, torch_mode=mode, graphs=compile_graphs(recipe),
                      autotune=compile_autotune(recipe), api=api, compiled_modules=len(compiled),
+                     **({"around": "the cache hooks run eagerly around the compiled blocks"} if hooked_compile else {}),
                      graphs_before=counters["stats"].get("unique_graphs", 0), verified=None,  # after the first run
-                     key=[scope, str(mode), sorted({type(m).__name__ for m in compiled})],
+                     key=[scope, str(mode), sorted({type(m).__name__ for m in compiled}),
+                          "forward" if hooked_compile else "call"],
                      # torch.compile's wrappers carry the function they compile; a stand-in wrapper does not
-                     dynamo_wrapped=all(hasattr(m._compiled_call_impl, "_torchdynamo_orig_callable")
-                                        for m in compiled))
+                     dynamo_wrapped=bool(hooked_compile) or all(
+                         hasattr(m._compiled_call_impl, "_torchdynamo_orig_callable") for m in compiled))
+
+
+def compile_block_forwards(transformer, recipe) -> tuple[list, list]:
+    """Regional compile for a recipe with a step cache: each repeated block's own ``forward`` compiled (fullgraph),
+    so that the cache hooks registered afterwards wrap the compiled call and decide in Python whether it runs.
+    (``compile_repeated_blocks`` compiles the module's ``__call__``, which would trace the hooks.) The blocks share
+    their code object, so dynamo compiles one graph per block class as with ``compile_repeated_blocks``."""
+    mode = compile_mode(recipe)
+    kwargs = {"fullgraph": True, **({"mode": mode} if mode else {})}
+    classes = tuple(getattr(transformer, "_repeated_blocks", ()) or ())
+    blocks = [m for m in transformer.modules() if type(m).__name__ in classes]
+    for m in blocks:
+        m.forward = torch.compile(m.forward, **kwargs)
+    compiled = [m for m in blocks if hasattr(m.forward, "_torchdynamo_orig_callable")]
+    # the computed-step counter (install_block_counter) sits outside the graph here: a hook inside it would be
+    # traced, and dynamo would guard on the count and recompile the block at every computed step
+    last = transformer.single_transformer_blocks[-1]
+    inner = last.forward
+
+    def counted(*args, **kwargs):
+        transformer._vramfit_block_runs = getattr(transformer, "_vramfit_block_runs", 0) + 1
+        return inner(*args, **kwargs)
+
+    last.forward = counted
+    transformer._vramfit_counter_outside = True
+    return blocks, compiled
 
 
 # compile keys whose first run made graphs in this process: dynamo keeps compiled frames per code object, so a later
@@ -340,8 +390,10 @@ def cache_hooks(transformer) -> list[str]:
 def install_block_counter(transformer) -> None:
     """Counts how often the last single block's output projection really runs: with a cache, fewer times than there
     are steps. (A hook on the block itself would also fire when the cache hook returns its cached output.)"""
-    layer = transformer.single_transformer_blocks[-1].proj_out
     transformer._vramfit_block_runs = 0
+    if getattr(transformer, "_vramfit_counter_outside", False):  # counted around the compiled block instead
+        return
+    layer = transformer.single_transformer_blocks[-1].proj_out
 
     def count(*_):
         transformer._vramfit_block_runs += 1
@@ -407,6 +459,11 @@ def verify_after_run(pipe, recipe, steps: int, manifest) -> None:
             entry["inductor_cache"] = {k: counters[group].get(k, 0) for group, k in (
                 ("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
                 ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"))}
+            # where the compile's time went (dynamo's timed phases, seconds summed over the graphs)
+            from torch._dynamo.utils import compilation_time_metrics
+
+            times = {k: round(sum(v), 2) for k, v in compilation_time_metrics.items() if v}
+            entry["compile_phases_s"] = dict(sorted(times.items(), key=lambda kv: -kv[1])[:12])
             key = repr(entry.get("key"))
             if made <= 0 and key in _GRAPHS_MADE and entry.get("dynamo_wrapped"):
                 entry["reused_graphs"] = "graphs compiled earlier in this process for the same block classes"

@@ -107,6 +107,8 @@ def sweep_table(rows: list[dict]) -> list[dict]:
         budget = sc.get("budget_gb", r.get("cap_gb"))
         if rec is None or rec.offload_kind != "stream" or budget is None or rec.transformer not in VALUE_OF:
             continue
+        if rec.compile != "off":  # the sweep compares eager runs with eager stock rows (compiled ones: their own row)
+            continue
         key = (VALUE_OF[rec.transformer], float(budget))
         if key not in points or _supersedes(r, points[key]):
             points[key] = r

@@ -22,6 +22,8 @@ class Layout:
     pinned_blocks: int  # same over the block groups only
     stream_blocks: tuple = ()  # offload=stream: bytes of each block in execution order (transformer: its 57
     # double + single blocks; T5: encoder.block's 24); everything else of the component stays resident
+    stream_recast: tuple = ()  # per stream block, the bytes layerwise casting keeps in fp8 (cast back after
+    # each layer into new tensors): 0 for every other family
 
 
 def _pow2(n: int) -> int:
@@ -122,6 +124,7 @@ def layout(model: str, component: str, value: str) -> Layout:
 
     seen: set = set()
     own: dict[str, list[int]] = {}  # module name -> storages of its own parameters and buffers
+    cast: dict[str, int] = {}  # module name -> bytes of its own parameters in a float8 storage dtype (layerwise)
     for name, mod in m.named_modules():
         parts: list[int] = []
         q = quantized(name, mod)
@@ -141,6 +144,8 @@ def layout(model: str, component: str, value: str) -> Layout:
                     parts.append(p.numel() // n * b)
             else:
                 parts.append(p.numel() * p.element_size())
+                if fam == "layerwise" and p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    cast[name] = cast.get(name, 0) + p.numel()
         own[name] = parts
 
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS as leaf_types
@@ -165,12 +170,19 @@ def layout(model: str, component: str, value: str) -> Layout:
                 block_parts += ps
     allp = [b for ps in own.values() for b in ps]
     total = sum(allp)
+    def cast_under(prefix: str) -> int:
+        return sum(b for n, b in cast.items() if n == prefix or n.startswith(prefix + "."))
+
     stream = tuple(blocks)
+    prefixes = [f"{c}.{i}" for c, ch in m.named_children() if isinstance(ch, (torch.nn.ModuleList, torch.nn.Sequential))
+                for i in range(len(ch))]
     if not stream and hasattr(m, "encoder") and hasattr(m.encoder, "block"):  # T5: blocks nest in encoder.block
-        stream = tuple(sum(under(f"encoder.block.{i}")) for i in range(len(m.encoder.block)))
+        prefixes = [f"encoder.block.{i}" for i in range(len(m.encoder.block))]
+        stream = tuple(sum(under(p)) for p in prefixes)
     return Layout(total=total, leaves=tuple(leaves), blocks=tuple(blocks), unmatched=total - sum(blocks),
                   largest_leaf=max((b for b, _ in leaves), default=0), pinned_all=sum(map(_pow2, allp)),
-                  pinned_blocks=sum(map(_pow2, block_parts)), stream_blocks=stream)
+                  pinned_blocks=sum(map(_pow2, block_parts)), stream_blocks=stream,
+                  stream_recast=tuple(cast_under(p) for p in prefixes) if cast else ())
 
 
 def weight_bytes(model: str, recipe) -> dict[str, int]:
