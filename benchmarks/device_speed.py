@@ -10,23 +10,27 @@ size: flux-dev stand-in, 1024x1024, 28 steps, 3 warm runs (median), seed 0. In o
 fits what is left of ``--budget-s`` (else a row "not-run: budget" saying so):
 
 1. ``bf16``                 bf16 eager: the baseline and the fidelity reference                       (~45 s)
-2. ``fast-cold``            the fastest no-cache candidate (fp8 dynamic per-row, fused QKV, regional compile),
-                            with an EMPTY compile cache: its cold start is the uncached one            (~250 s)
-3. ``fast-cached``          the same recipe as 2 in a new process WITH the cache 2 saved: the cached cold start
-                                                                                                       (~100 s)
-4. ``fast-taylorseer``      2 + ``cache=taylorseer:4`` (fixed interval: the speed is the real model's), the cache
-                            hooks around the compiled blocks; it shares 2's compile-cache entry; fidelity against
-                            bf16 and against 2, the uncached run of the same recipe (``fidelity_vs``)  (~110 s)
-5. ``profile``              torch.profiler over one warm generation of the fastest no-cache row: kernel time per
-                            step in linear / attention / other (name-based classes, stated in the row)  (~90 s)
-6. ``taylorseer``           bf16 eager + ``cache=taylorseer:4``, fidelity also against bf16            (~40 s)
-7. more candidates while budget remains: CUDA graphs on the fast recipe (an ablation: +194 s of compile and no
+2. ``fast-nocdtune``        the fast recipe with ``compile=regional+nocdtune``: no coordinate-descent tuning (237 s
+                            of the fast recipe's first compile in session 9): its cold start and step time (~110 s)
+3. ``fast-cold``            the fastest no-cache candidate (fp8 dynamic per-row, fused QKV, regional compile),
+                            with an EMPTY compile cache: its cold start is the uncached one            (~270 s)
+4. ``fast-cached``          the same recipe as 3 in a new process WITH the cache 3 saved: the cached cold start
+                            (session 9: still compiling 191 s into its first denoise)                  (~245 s)
+5. ``fast-taylorseer``      3 + ``cache=taylorseer:4`` (fixed interval: the speed is the real model's), the cache
+                            hooks around the compiled blocks; it shares 3's compile-cache entry; fidelity against
+                            bf16 and against 3 or 4, the uncached run of the same recipe (``fidelity_vs``, also when
+                            it runs first)                                                             (~240 s)
+6. ``profile``              torch.profiler over one warm generation of the fastest no-cache row in a new process
+                            (the fast rows also profile one more warm run in their own process: ``breakdown``) (~90 s)
+7. ``taylorseer``           bf16 eager + ``cache=taylorseer:4``, fidelity also against bf16            (~40 s)
+8. more candidates while budget remains: CUDA graphs on the fast recipe (an ablation: +194 s of compile and no
    gain in session 8), per-tensor fp8 (``torchao-fp8dq-tensor``), cuDNN attention, and the flux-fast-style anchor
    (``compile=full+autotune+graphs``, fullgraph max-autotune: est. > 600 s, the 10-minute command limit -- a row
    with that reason unless the budget allows it).
 
-Estimated GPU time: ~600 s for 1-6 (one 10-minute command: ``bash benchmarks/device_round.sh speed:555``).
-``VRAMFIT_SPEED_ONLY=a,b`` picks scenarios; ``VRAMFIT_SPEED_KEEP=1`` keeps an earlier call's work dir (its compile
+Estimated GPU time: more than one 10-minute command for all of 1-6: pick with ``VRAMFIT_SPEED_ONLY`` (its order is
+the run order, after bf16), e.g. ``VRAMFIT_SPEED_ONLY=fast-nocdtune,fast-cold,fast-cached`` then
+``VRAMFIT_SPEED_ONLY=fast-taylorseer,fast-cached``. ``VRAMFIT_SPEED_KEEP=1`` keeps an earlier call's work dir (its compile
 cache) on the same warm machine, so a second call can continue where the first stopped.
 Rows: ``$OUT/speed.jsonl`` (bench rows + ``speed`` fields: role, x vs bf16 eager, cache kind), the profile
 row in the same file, and a summary table on stdout with the JSON summary as the last line.
@@ -55,9 +59,12 @@ FAST = "transformer=torchao-fp8dq,fuse_qkv=on,compile=regional"
 FALLBACK = "transformer=torchao-fp8dq,compile=regional"
 FULL = [  # (name, recipe, role, est_s on the H200, note)
     ("bf16", "bf16", "baseline", 45, "bf16 eager, no compile: the baseline and the fidelity reference"),
-    # session 9: 30 s load + 200 s compile, 237 s of it (in fast-taylorseer) torchao's coordinate-descent tuning,
-    # which vramfit no longer lets torchao switch on (+cdtune asks for it): est. for the compile without it
-    ("fast-cold", FAST, "candidate+cold-uncached", 110,
+    # session 9: without coordinate-descent tuning (237 of fast-taylorseer's 258 s of compile; torchao's default,
+    # which vramfit applies for torchao recipes unless +nocdtune): the first compile, and what the tuning buys
+    ("fast-nocdtune", FAST + "+nocdtune", "candidate+cold-uncached", 110,
+     "the fast recipe without inductor's coordinate-descent tuning: its cold start and its step time"),
+    # session 9: 30 s load + 200 s compile, then 3.036 s warm
+    ("fast-cold", FAST, "candidate+cold-uncached", 270,
      "fastest no-cache candidate; empty compile cache: its cold start is the uncached one"),
     # session 9: killed at 221 s, still compiling with fast-cold's entry loaded (fast-cold: 30 s load + 200 s compile)
     ("fast-cached", FAST, "cold-cached", 245, "same recipe as fast-cold, new process, with the cache fast-cold saved"),
@@ -77,6 +84,7 @@ FULL = [  # (name, recipe, role, est_s on the H200, note)
 ]
 SMOKE = [  # the same roles on flux-tiny, CPU (graphs/fp8dq/autotune cannot run there: their CPU stand-ins)
     ("bf16", "bf16", "baseline", 40, ""),
+    ("fast-nocdtune", "fuse_qkv=on,compile=regional+nocdtune", "candidate+cold-uncached", 400, ""),
     ("fast-cold", "fuse_qkv=on,compile=regional", "candidate+cold-uncached", 400, "CPU stand-in of the fast recipe"),
     ("fast-cached", "fuse_qkv=on,compile=regional", "cold-cached", 300, ""),
     ("fast-taylorseer", "fuse_qkv=on,compile=regional,cache=taylorseer:2", "cache", 300, ""),

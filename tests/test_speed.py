@@ -202,9 +202,10 @@ def test_cache_with_regional_compile_hooks_around_the_compiled_blocks(tiny):
     (cache,) = steps_of(res, "cache")
     (ecache,) = steps_of(eager, "cache")
     assert comp["verified"] is True and comp["graphs_compiled"] > 0 and "around" in comp
-    # one graph per block class plus one recompile on a stride, as compile_repeated_blocks makes; the step counter
-    # sits outside the graphs (traced inside, dynamo guarded on its count and recompiled at every computed step: 7)
-    assert comp["graphs_compiled"] <= 3, comp
+    # one graph per block class plus a recompile on a stride, as compile_repeated_blocks makes (3 in a fresh process,
+    # 4 seen in the full suite); the step counter sits outside the graphs: traced inside them, dynamo guarded on its
+    # count and recompiled the block at every computed step (7 graphs at these 8 steps, 5 of them computed)
+    assert comp["graphs_compiled"] < 5, comp
     assert comp["compiled_modules"] == len(runner.pipe.transformer.transformer_blocks) + len(
         runner.pipe.transformer.single_transformer_blocks)
     assert cache["steps_skipped"] == ecache["steps_skipped"] > 0

@@ -276,6 +276,8 @@ def config_source(value: str, component: str) -> tuple[list[str], str]:
             "torchao-int8dq": ("Int8DynamicActivationInt8WeightConfig", ""),
         }[value]
         ao_imports = ao_cls + "".join(f", {g}" for g in ("PerRow", "PerTensor") if g + "()" in ao_args)
+        # as _torchao_config: torchao's inductor flags come as the recipe's recorded dynamo settings instead
+        ao_args = ", ".join(a for a in (ao_args, "set_inductor_config=False") if a)
         name = _alias(lib, "TorchAoConfig")
         return ([f"from {lib} import TorchAoConfig as {name}", f"from torchao.quantization import {ao_imports}"],
                 f"{name}(quant_type={ao_cls}({ao_args}))")
