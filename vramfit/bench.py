@@ -71,8 +71,8 @@ class Scenario:
     est_s: float | None = None  # estimated seconds on the GPU the file was written for (planning only)
     source: str = ""
     role: str = "scenario"  # or "reference"
-    # another scenario of the same out dir (run before this one) to score against as well: a step cache against
-    # the uncached run of the same recipe (``fidelity_vs``), beside the bf16 reference
+    # another scenario of the same out dir to score against as well (``fidelity_vs``), beside the bf16 reference:
+    # a step cache against the uncached run of the same recipe (run before this one; after it: fidelity_vs_files)
     compare_to: str | None = None
     profile: bool = False  # one more warm run under torch.profiler: kernel time per step by class ("breakdown")
 

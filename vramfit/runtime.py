@@ -108,7 +108,7 @@ def problems(recipe, device_type: str):
                f"compile={scope} without +autotune")
     if kind != "none" and (scope == "full" or graphs):
         # with compile=regional the blocks' own forward is compiled and the cache hooks wrap it in Python
-        # (cache_compiled_blocks); a whole-model graph or a CUDA graph would have to capture the hooks' decisions
+        # (compile_block_forwards); a whole-model graph or a CUDA graph would have to capture the hooks' decisions
         yield (f"cache={recipe.cache} with compile={recipe.compile}: the cache hooks decide per step in Python "
                "whether the blocks run (state kept between calls), a graph break that fullgraph compile refuses, "
                "and CUDA graphs cannot capture"), \
@@ -459,7 +459,7 @@ def verify_after_run(pipe, recipe, steps: int, manifest) -> None:
             entry["inductor_cache"] = {k: counters[group].get(k, 0) for group, k in (
                 ("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
                 ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss"))}
-            # where the compile's time went (dynamo's timed phases, seconds summed over the graphs)
+            # where the compile's time went: dynamo's timed phases, seconds summed over this process's compiles so far
             from torch._dynamo.utils import compilation_time_metrics
 
             times = {k: round(sum(v), 2) for k, v in compilation_time_metrics.items() if v}
