@@ -131,6 +131,15 @@ def test_report_from_bench_rows(smoke, tmp_path):
         assert name in html
     assert "needs a CUDA GPU" in html and "random stand-in" in html
     assert {"grid.png", "grid-2.png", "memory_latency.png", "bars.png"} <= set(summary["files"])  # 2 seeds, 2 grids
+    # rows with no run behind them (device_speed.py's left-out scenarios and profile row: no model, no request) are
+    # named in the notes, not charted; the report of those files used to stop with KeyError 'model'
+    mixed = tmp_path / "mixed.jsonl"
+    unrun = {"schema": bench.ROW_SCHEMA, "scenario": "fast-graphs", "role": "candidate", "recipe": "compile=full",
+             "status": "skipped", "exit_reason": "not-run", "error": "budget: estimated 480 s, 0 s left"}
+    mixed.write_text((out / "results.jsonl").read_text() + json.dumps(unrun) + "\n")
+    again = report.make_report([mixed], tmp_path / "rep2")
+    assert again["rows"] == summary["rows"]
+    assert "fast-graphs (skipped: budget" in (tmp_path / "rep2" / "results.md").read_text()
 
 
 def test_timeout_is_a_row(tmp_path):

@@ -108,7 +108,7 @@ def load(paths: list[Path], stream_rows: list | None = None) -> tuple[list[dict]
     from .stream_report import is_loader_row, is_stream_row
 
     rows: dict[str, dict] = {}
-    notes, repeated, torn = [], {}, []
+    notes, repeated, torn, unrun = [], {}, [], []
     for p in paths:
         if not p.is_file():
             raise InputError(f"{p}: no such results file (vramfit bench writes DIR/results.jsonl)")
@@ -119,12 +119,20 @@ def load(paths: list[Path], stream_rows: list | None = None) -> tuple[list[dict]
             if r.get("schema") != ROW_SCHEMA:
                 expected = ROW_SCHEMA + (f" or {STREAM_SCHEMA}" if stream_rows is not None else "")
                 raise InputError(f"{p}: a row with schema {r.get('schema')!r}; expected {expected}")
+            if not r.get("model") or not r.get("request"):
+                # a row with no run behind it (device_speed.py's scenarios left out for budget, its profile row):
+                # nothing to chart; it is named among the notes
+                unrun.append(f"{r.get('scenario')} ({r.get('status')}: {(r.get('error') or '')[:120]})")
+                continue
             r["_dir"] = str(p.parent)
             if r["scenario"] in rows:
                 repeated[r["scenario"]] = repeated.get(r["scenario"], 1) + 1
             rows[r["scenario"]] = r
     if not rows and not stream_rows:
-        raise InputError(f"no rows in {', '.join(map(str, paths))}")
+        raise InputError(f"no rows in {', '.join(map(str, paths))}" + (
+            f" that ran (only {', '.join(unrun)})" if unrun else ""))
+    if unrun:
+        notes.append(f"{len(unrun)} row(s) without a run, not in the tables: " + "; ".join(unrun))
     if repeated:  # one line, however many: the answer comes first, not forty of these
         notes.append(f"{len(repeated)} scenario(s) measured more than once; the last row of each is shown: "
                      + ", ".join(f"{k} ({n}x)" for k, n in repeated.items()))
@@ -360,7 +368,8 @@ def provenance(rows: list[dict]) -> dict:
                           "images are noise",
                 "hub": f"real weights from the hub ({w.get('path', '')})",
                 "dir": f"weights from {w.get('path', '')}"}.get(w.get("kind"), json.dumps(w))
-        weights.setdefault(f"{r['model']}: {desc}", []).append(r["scenario"])
+        if r.get("model"):  # a row that never ran (left out for budget, say) has no model or weights
+            weights.setdefault(f"{r['model']}: {desc}", []).append(r["scenario"])
         d = r.get("device") or {}
         if d:
             devices.setdefault(d.get("name") or f"{d.get('type')} ({d.get('cpu', '')})", 0)
@@ -657,7 +666,8 @@ def make_report(paths: list[Path], out: Path) -> dict:
         return make_stream_report(stream_rows, out, notes)
     prov = provenance(rows)
     devices = ", ".join(prov["devices"]) or "no device"
-    models = ", ".join(sorted({f"{r['model']} ({(r.get('weights') or {}).get('kind')} weights)" for r in rows}))
+    models = ", ".join(sorted({f"{r['model']} ({(r.get('weights') or {}).get('kind')} weights)" for r in rows
+                               if r.get("model")})) or "no model ran"
     title = f"vramfit bench: {models} on {devices}"
     written, pngs = [], {}
     ok = [r for r in rows if r["status"] == "ok"]
