@@ -368,8 +368,7 @@ def provenance(rows: list[dict]) -> dict:
                           "images are noise",
                 "hub": f"real weights from the hub ({w.get('path', '')})",
                 "dir": f"weights from {w.get('path', '')}"}.get(w.get("kind"), json.dumps(w))
-        if r.get("model"):  # a row that never ran (left out for budget, say) has no model or weights
-            weights.setdefault(f"{r['model']}: {desc}", []).append(r["scenario"])
+        weights.setdefault(f"{r['model']}: {desc}", []).append(r["scenario"])
         d = r.get("device") or {}
         if d:
             devices.setdefault(d.get("name") or f"{d.get('type')} ({d.get('cpu', '')})", 0)
@@ -666,8 +665,7 @@ def make_report(paths: list[Path], out: Path) -> dict:
         return make_stream_report(stream_rows, out, notes)
     prov = provenance(rows)
     devices = ", ".join(prov["devices"]) or "no device"
-    models = ", ".join(sorted({f"{r['model']} ({(r.get('weights') or {}).get('kind')} weights)" for r in rows
-                               if r.get("model")})) or "no model ran"
+    models = ", ".join(sorted({f"{r['model']} ({(r.get('weights') or {}).get('kind')} weights)" for r in rows}))
     title = f"vramfit bench: {models} on {devices}"
     written, pngs = [], {}
     ok = [r for r in rows if r["status"] == "ok"]

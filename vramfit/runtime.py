@@ -238,10 +238,12 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
                      processors=len(got), check="every attention processor's _attention_backend", verified=True)
     kind, arg = cache_spec(recipe)
     scope = compile_scope(recipe)
+    mode = compile_mode(recipe)
+    kwargs = {"fullgraph": True, **({"mode": mode} if mode else {})}
     hooked_compile = None
     if kind != "none" and scope == "regional":
         # before the cache: its hooks then wrap the compiled forward, and their per-step decision stays in Python
-        hooked_compile = compile_block_forwards(tr, recipe)
+        hooked_compile = compile_block_forwards(tr, kwargs)
     if kind != "none":
         cfg, info = cache_config(kind, arg)
         tr.enable_cache(cfg)
@@ -252,8 +254,6 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
                      hooked_modules=len(hooks), verified=True)
         install_block_counter(tr)
     if scope != "off":
-        mode = compile_mode(recipe)
-        kwargs = {"fullgraph": True, **({"mode": mode} if mode else {})}
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         if hooked_compile is not None:
             blocks, compiled = hooked_compile
@@ -290,13 +290,11 @@ def apply(pipe, recipe, manifest, loaded: dict) -> None:
                          hasattr(m._compiled_call_impl, "_torchdynamo_orig_callable") for m in compiled))
 
 
-def compile_block_forwards(transformer, recipe) -> tuple[list, list]:
+def compile_block_forwards(transformer, kwargs: dict) -> tuple[list, list]:
     """Regional compile for a recipe with a step cache: each repeated block's own ``forward`` compiled (fullgraph),
     so that the cache hooks registered afterwards wrap the compiled call and decide in Python whether it runs.
     (``compile_repeated_blocks`` compiles the module's ``__call__``, which would trace the hooks.) The blocks share
     their code object, so dynamo compiles one graph per block class as with ``compile_repeated_blocks``."""
-    mode = compile_mode(recipe)
-    kwargs = {"fullgraph": True, **({"mode": mode} if mode else {})}
     classes = tuple(getattr(transformer, "_repeated_blocks", ()) or ())
     blocks = [m for m in transformer.modules() if type(m).__name__ in classes]
     for m in blocks:

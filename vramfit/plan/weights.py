@@ -23,7 +23,7 @@ class Layout:
     stream_blocks: tuple = ()  # offload=stream: bytes of each block in execution order (transformer: its 57
     # double + single blocks; T5: encoder.block's 24); everything else of the component stays resident
     stream_recast: tuple = ()  # per stream block, the bytes layerwise casting keeps in fp8 (cast back after
-    # each layer into new tensors): 0 for every other family
+    # each layer into new tensors); empty for every other family
 
 
 def _pow2(n: int) -> int:
@@ -161,21 +161,21 @@ def layout(model: str, component: str, value: str) -> Layout:
     for name, ps in own.items():  # parameters of non-leaf modules: one group per parent (group-leaf)
         if name not in covered and ps:
             leaves.append((sum(ps), False))
-    blocks, block_parts = [], []
+    blocks, block_parts, prefixes = [], [], []
     for cname, child in m.named_children():
         if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
             for i in range(len(child)):
                 ps = under(f"{cname}.{i}")
                 blocks.append(sum(ps))
                 block_parts += ps
+                prefixes.append(f"{cname}.{i}")
     allp = [b for ps in own.values() for b in ps]
     total = sum(allp)
+
     def cast_under(prefix: str) -> int:
         return sum(b for n, b in cast.items() if n == prefix or n.startswith(prefix + "."))
 
     stream = tuple(blocks)
-    prefixes = [f"{c}.{i}" for c, ch in m.named_children() if isinstance(ch, (torch.nn.ModuleList, torch.nn.Sequential))
-                for i in range(len(ch))]
     if not stream and hasattr(m, "encoder") and hasattr(m.encoder, "block"):  # T5: blocks nest in encoder.block
         prefixes = [f"encoder.block.{i}" for i in range(len(m.encoder.block))]
         stream = tuple(sum(under(p)) for p in prefixes)
