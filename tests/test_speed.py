@@ -243,10 +243,13 @@ def test_torchao_inductor_flags_are_vramfits_recorded_settings(tiny, monkeypatch
     with pytest.raises(RecipeError, match="on and off"):
         Recipe.parse("compile=regional+cdtune+nocdtune")
     mark = apply.dynamo_mark()
-    try:
-        runner, res = generate(tiny, "compile=regional+cdtune")
-        (d,) = steps_of(res, "dynamo-config")
+    try:  # applied and recorded when the runner loads (no generation: the flags are what is checked here)
+        spec, weights = tiny
+        runner = run.Runner(spec, weights, Recipe.parse("compile=regional+cdtune"), CPU, progress=False)
+        runner.load()
+        (d,) = runner.manifest.find("dynamo-config")
         assert d["settings"][key] is True and ic.coordinate_descent_tuning is True
+        runner.close()
     finally:
         apply.restore_dynamo_settings(mark)  # process-wide: later tests compile without it
     assert ic.coordinate_descent_tuning is False
