@@ -28,6 +28,11 @@ fits what is left of ``--budget-s`` (else a row "not-run: budget" saying so):
    (``compile=full+autotune+graphs``, fullgraph max-autotune: est. > 600 s, the 10-minute command limit -- a row
    with that reason unless the budget allows it).
 
+Ablation (``abl-regional``, ``abl-fp8dq``, then fast-cold, fast-graphs, fast-cudnn, fp8-tensor, fast-taylorseer):
+each step's own gain against the row it adds to, in the summary's ``ablation`` list, from the rows of one call.
+``--flags +nocdtune`` (``VRAMFIT_SPEED_FLAGS``) runs every torchao compile recipe without coordinate-descent tuning,
+with estimates to match (then there is no separate ``fast-nocdtune`` row).
+
 Estimated GPU time: more than one 10-minute command for all of 1-6: pick with ``VRAMFIT_SPEED_ONLY`` (its order is
 the run order, after bf16), e.g. ``VRAMFIT_SPEED_ONLY=fast-nocdtune,fast-cold,fast-cached`` then
 ``VRAMFIT_SPEED_ONLY=fast-taylorseer,fast-cached``. ``VRAMFIT_SPEED_KEEP=1`` keeps an earlier call's work dir (its compile
@@ -57,31 +62,76 @@ from vramfit import bench  # noqa: E402
 FAST = "transformer=torchao-fp8dq,fuse_qkv=on,compile=regional"
 # measured before (3.16 s warm, 170 s compile): used in FAST's place when FAST fails
 FALLBACK = "transformer=torchao-fp8dq,compile=regional"
-FULL = [  # (name, recipe, role, est_s on the H200, note)
-    ("bf16", "bf16", "baseline", 45, "bf16 eager, no compile: the baseline and the fidelity reference"),
-    # session 9: without coordinate-descent tuning (237 of fast-taylorseer's 258 s of compile; torchao's default,
-    # which vramfit applies for torchao recipes unless +nocdtune): the first compile, and what the tuning buys
-    ("fast-nocdtune", FAST + "+nocdtune", "candidate+cold-uncached", 110,
-     "the fast recipe without inductor's coordinate-descent tuning: its cold start and its step time"),
-    # session 9: 30 s load + 200 s compile, then 3.036 s warm
-    ("fast-cold", FAST, "candidate+cold-uncached", 270,
-     "fastest no-cache candidate; empty compile cache: its cold start is the uncached one"),
-    # session 9: killed at 221 s, still compiling with fast-cold's entry loaded (fast-cold: 30 s load + 200 s compile)
-    ("fast-cached", FAST, "cold-cached", 245, "same recipe as fast-cold, new process, with the cache fast-cold saved"),
-    # the step cache's hooks run around the compiled blocks, so this recipe shares fast-cold's compile-cache entry
-    ("fast-taylorseer", FAST + ",cache=taylorseer:4", "cache", 240,
-     "the fast recipe + TaylorSeer lite, interval 4 (fixed schedule: speed independent of the weights); "
-     "fidelity_vs = against fast-cold, the uncached run of the same recipe"),
-    ("profile", None, "profile", 90, "torch.profiler breakdown of the fastest row"),
-    ("taylorseer", "cache=taylorseer:4", "cache", 40,
-     "bf16 eager + TaylorSeer lite, interval 4 (fixed schedule); fidelity_vs = against bf16"),
-    ("fast-graphs", FAST + "+graphs", "candidate", 480, "ablation: the fast recipe + CUDA graphs"),
-    ("fp8-tensor", "transformer=torchao-fp8dq-tensor,fuse_qkv=on,compile=regional", "candidate", 250,
-     "per-tensor fp8 scales (flux-fast's default) instead of per-row"),
-    ("fast-cudnn", FAST + ",attention=_native_cudnn", "candidate", 250, "cuDNN SDPA (no FA3 wheel here)"),
-    ("flux-fast-anchor", "transformer=torchao-fp8dq-tensor,fuse_qkv=on,compile=full+autotune+graphs", "anchor", 900,
-     "flux-fast style: fp8dq per-tensor, fused QKV, fullgraph max-autotune + CUDA graphs, inductor flags"),
-]
+# --flags +nocdtune (VRAMFIT_SPEED_FLAGS): every torchao compile recipe below without inductor's coordinate-descent
+# tuning (237 of the 258 s of fast-taylorseer's first compile in session 9), with the estimates that go with it
+FLAGS = os.environ.get("VRAMFIT_SPEED_FLAGS", "")
+# the ablation, one step's own gain a row (flux-fast's table): (row, the row it adds one step to, the step)
+ABLATION = (("abl-regional", "bf16", "regional compile"), ("abl-fp8dq", "abl-regional", "fp8 dynamic per row"),
+            ("fast-cold", "abl-fp8dq", "fused QKV"), ("fast-graphs", "fast-cold", "CUDA graphs"),
+            ("fast-cudnn", "fast-cold", "cuDNN SDPA"), ("fp8-tensor", "fast-cold", "fp8 per tensor, not per row"),
+            ("fast-taylorseer", "fast-cold", "TaylorSeer lite, fixed interval"))
+
+
+def ablation(rows: list[dict]) -> list[dict]:
+    """Each step's own gain, from the rows of this call: warm end-to-end and s/step of a row against its parent."""
+    ok = {r["scenario"]: r for r in rows if r["status"] == "ok" and bench._g(r, "warm", "total_s_median")}
+    out = []
+    for name, parent, step in ABLATION:
+        if name in ok and parent in ok:
+            a, b = ok[name], ok[parent]
+            sa, sb = bench._g(a, "warm", "s_per_step_median"), bench._g(b, "warm", "s_per_step_median")
+            out.append({"row": name, "adds": step, "to": parent, "warm_s": a["warm"]["total_s_median"],
+                        "x_end_to_end": round(b["warm"]["total_s_median"] / a["warm"]["total_s_median"], 3),
+                        "x_per_step": round(sb / sa, 3) if sa and sb else None})
+    return out
+
+
+def full_table(flags: str = "") -> list[tuple]:
+    """(name, recipe, role, est_s on the H200, note) for the full-size run; ``flags`` joins every compile=regional
+    recipe of a torchao transformer (``+nocdtune``: no coordinate-descent tuning, its estimates)."""
+    nocd = "nocdtune" in flags
+    fast, fallback = FAST + flags, FALLBACK + flags
+
+    def est(cd: int, nc: int) -> int:
+        return nc if nocd else cd
+
+    rows = [("bf16", "bf16", "baseline", 45, "bf16 eager, no compile: the baseline and the fidelity reference")]
+    if not nocd:
+        # session 9: without coordinate-descent tuning (237 of fast-taylorseer's 258 s of compile; torchao's
+        # default, which vramfit applies for torchao recipes unless +nocdtune): the first compile, what tuning buys
+        rows.append(("fast-nocdtune", FAST + "+nocdtune", "candidate+cold-uncached", 110,
+                     "the fast recipe without inductor's coordinate-descent tuning: its cold start and step time"))
+    rows += [
+        # session 9: 30 s load + 200 s compile, then 3.036 s warm
+        ("fast-cold", fast, "candidate+cold-uncached", est(270, 110),
+         "fastest no-cache candidate; empty compile cache: its cold start is the uncached one"),
+        # session 9: killed at 221 s, still compiling with fast-cold's entry loaded
+        ("fast-cached", fast, "cold-cached", est(245, 75),
+         "same recipe as fast-cold, new process, with the cache fast-cold saved"),
+        # the step cache's hooks run around the compiled blocks: this recipe shares fast-cold's compile-cache entry
+        ("fast-taylorseer", fast + ",cache=taylorseer:4", "cache", est(240, 75),
+         "the fast recipe + TaylorSeer lite, interval 4 (fixed schedule: speed independent of the weights); "
+         "fidelity_vs = against fast-cold, the uncached run of the same recipe"),
+        ("abl-regional", "compile=regional", "ablation", 70, "ablation: bf16 + regional compile"),
+        ("abl-fp8dq", fallback, "ablation", est(230, 100),
+         "ablation: + fp8 dynamic quantization per row (the fast recipe without fused QKV)"),
+        ("fast-cudnn", fast + ",attention=_native_cudnn", "candidate", est(250, 100),
+         "cuDNN SDPA (no FA3 wheel here)"),
+        ("profile", None, "profile", 90, "torch.profiler breakdown of the fastest row"),
+        ("taylorseer", "cache=taylorseer:4", "cache", 40,
+         "bf16 eager + TaylorSeer lite, interval 4 (fixed schedule); fidelity_vs = against bf16"),
+        ("fast-graphs", fast + "+graphs", "ablation", est(480, 250),
+         "ablation: the fast recipe + CUDA graphs"),
+        ("fp8-tensor", "transformer=torchao-fp8dq-tensor,fuse_qkv=on,compile=regional" + flags, "candidate",
+         est(250, 100), "per-tensor fp8 scales (flux-fast's default) instead of per-row"),
+        ("flux-fast-anchor", "transformer=torchao-fp8dq-tensor,fuse_qkv=on,compile=full+autotune+graphs", "anchor",
+         900, "flux-fast style: fp8dq per-tensor, fused QKV, fullgraph max-autotune + CUDA graphs, inductor flags "
+         "(cuDNN SDPA's place is taken by the default SDPA: no FA3 wheel)"),
+    ]
+    return rows
+
+
+FULL = full_table(FLAGS)
 SMOKE = [  # the same roles on flux-tiny, CPU (graphs/fp8dq/autotune cannot run there: their CPU stand-ins)
     ("bf16", "bf16", "baseline", 40, ""),
     ("fast-nocdtune", "fuse_qkv=on,compile=regional+nocdtune", "candidate+cold-uncached", 400, ""),
@@ -89,6 +139,7 @@ SMOKE = [  # the same roles on flux-tiny, CPU (graphs/fp8dq/autotune cannot run 
     ("fast-cached", "fuse_qkv=on,compile=regional", "cold-cached", 300, ""),
     ("fast-taylorseer", "fuse_qkv=on,compile=regional,cache=taylorseer:2", "cache", 300, ""),
     ("profile", None, "profile", 60, ""),
+    ("abl-regional", "compile=regional", "ablation", 300, ""),
     ("taylorseer", "cache=taylorseer:2", "cache", 40, ""),
     ("refused-graphs", "compile=regional+graphs", "candidate", 20, "refused on CPU: a row with the reason"),
 ]
@@ -170,6 +221,8 @@ def main() -> int:
     ap.add_argument("--keep-work", action="store_true", default=bool(os.environ.get("VRAMFIT_SPEED_KEEP")),
                     help="keep --work (its compile cache) from an earlier call on the same machine: fast-cold then "
                          "runs in one call and fast-cached in the next")
+    ap.add_argument("--flags", default=FLAGS, help="compile flags for every torchao compile recipe, e.g. +nocdtune "
+                    "(VRAMFIT_SPEED_FLAGS)")
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.profile_child:
@@ -184,7 +237,7 @@ def main() -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = Path(args.out) / "speed.jsonl"
     device = "cpu" if args.smoke else "cuda"
-    table = SMOKE if args.smoke else FULL
+    table = SMOKE if args.smoke else full_table(args.flags)
     if args.only:  # in the order given, after bf16 (the reference always runs first)
         keep = args.only.split(",")
         by_name = {t[0]: t for t in table}
@@ -218,7 +271,7 @@ def main() -> int:
             # the untried parts failed: measure the known-good recipe's uncached and cached cold start instead
             queue = [(n, r.replace(FAST, FALLBACK), ro, e, no + " (fallback: fast-cold failed)")
                      if r and r.startswith(FAST) else (n, r, ro, e, no) for n, r, ro, e, no in queue]
-            queue.insert(1, ("fallback-cold", FALLBACK, "candidate+cold-uncached", 230,
+            queue.insert(1, ("fallback-cold", FALLBACK + args.flags, "candidate+cold-uncached", 230,
                              "known-good recipe, empty compile cache (fast-cold failed)"))
         print(bench.table_line(row) if "steps" in row else f"{name:<30} {row['status']} {row.get('error') or ''}",
               flush=True)
@@ -250,9 +303,12 @@ def main() -> int:
             "steps_computed": next((e.get("steps_computed") for e in r.get("manifest") or []
                                     if isinstance(e, dict) and e.get("step") == "cache"), None),
             "compile_cache": bench._g(r, "compile_cache", "status"),
-            "to_first_image_uncached_s": bench._g(r, "cold_uncached", "to_first_image_s"),
+            "load_s": r.get("load_s"), "to_first_image_uncached_s": bench._g(r, "cold_uncached", "to_first_image_s"),
             "to_first_image_cached_s": bench._g(r, "cold_cached", "to_first_image_s"),
             "breakdown_s_per_step": bench._g(r, "breakdown", "s_per_step"), "error": (r.get("error") or "")[:200]})
+    summary["ablation"] = ablation(rows)
+    for a in summary["ablation"]:
+        print(f"  ablation {a['row']:<16} + {a['adds']:<30} {a['x_end_to_end']}x end to end, {a['x_per_step']}x/step")
     for s in summary["rows"]:
         print(f"  {s['scenario']:<18} {s['status']:<8} warm {s['warm_s']} s  x{s['x_vs_bf16_eager']}  "
               f"PSNR {s['psnr_db']}" + (f" (vs {s['vs']}: {s['psnr_vs_db']})" if s["vs"] else "") +

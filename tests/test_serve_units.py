@@ -69,17 +69,25 @@ def _args(**kw):
 def test_serve_plan_mode_from_the_budget():
     import torch
 
-    from vramfit import models
-    from vramfit.serve.cli import serve_plan
+    from vramfit import models, plan
+    from vramfit.serve.cli import pipelined_fits, serve_mode, serve_plan, server_stream_k
 
     spec = models.get_model("flux-dev")
     w = models.resolve_weights(spec, "random")
     cuda = torch.device("cuda")  # planning only: nothing is placed on it
-    # 8 GB cannot hold three worker processes with every stage resident: stage batches
+    # 8 GB cannot hold three worker processes with every stage resident: each worker streams its own blocks
+    # (offload=stream:K), K sized for the three workers together, not generate's one process
     recipes, mode, rec, _ = serve_plan(_args(vram="8GB", gpu="h200"), spec, w, cuda)
-    assert mode == "stage-batch" and recipes[0].offload == "staged" and recipes[0].compile == "off"
-    assert rec["predicted"]["peak_vram_gb"] <= 8
-    assert all(r.offload == "staged" for r in recipes)  # fallbacks keep the worker layout
+    r = recipes[0]
+    assert mode == "pipelined" and r.offload_kind == "stream", r
+    assert pipelined_fits(rec["predicted"], 8.0) and set(rec["predicted"]["stage_own_gb"]) == {"encode", "denoise",
+                                                                                               "decode"}
+    shape = plan.Shape(1024, 1024, 4, 1, spec.max_sequence_length, images=1000)
+    assert r.stream_k == server_stream_k(spec.name, r, shape, 8.0)
+    assert not pipelined_fits(plan.predict(spec.name, r.with_(offload=f"stream:{r.stream_k + 1}"), shape,
+                                           plan.gpu_profile("h200"), "random"), 8.0)  # one more block would not fit
+    assert r.stream_k < plan.stream_k(spec.name, r, shape, 8.0 * plan.GB)  # generate's one-process K is larger
+    assert all(serve_mode(x) == "pipelined" for x in recipes)  # fallbacks keep the worker layout
     recipes, mode, rec, _ = serve_plan(_args(vram="80GB", gpu="h200"), spec, w, cuda)
     assert mode == "pipelined" and recipes[0].offload == "none" and rec["max_batch"] >= 1
     with pytest.raises(InputError, match="smallest budget"):
@@ -98,7 +106,7 @@ def test_pipelined_stage_caps_hold_the_batch_the_server_takes():
     spec = models.get_model("flux-dev")
     w = models.resolve_weights(spec, "random")
     cuda = torch.device("cuda")
-    for vram in ("12GB", "24GB", "80GB"):
+    for vram in ("8GB", "12GB", "24GB", "80GB"):  # 8 and 12 GB: offload=stream, each worker its own blocks
         _, mode, rec, _ = serve_plan(_args(vram=vram, gpu="h200"), spec, w, cuda)
         if mode != "pipelined":
             continue

@@ -69,7 +69,7 @@ from .choice import (OFFLOAD_COMPILE, TRANSFORMER_VALUES, _brief, _short, candid
 from .cli import DEFAULT_TOP, SERVE_HORIZON, add_parser, cmd_plan, cmd_probe, print_plan  # noqa: F401
 from .data import (COMPONENTS, GB, GGUF_BLOCKS, PCIE_GBPS_PER_LANE, PRECISION_BYTES, STAGES, Shape,  # noqa: F401
                    _realize, calibration, find_gpu, gpu_profile, gpu_table, host_ram_gb, local_profile,
-                   parse_size, profile_from_probe, ram_budget, using_calibration)
+                   offload_kind, parse_size, profile_from_probe, ram_budget, using_calibration)
 from .fallback import generate_with_budget, next_candidate, oom_resource  # noqa: F401
 from .latency import _tiled_mpix, moved_bytes_factor, transformer_flops  # noqa: F401
 from .memory import activations_gb, resident_gb, stage_peaks, stream_blocks, stream_split  # noqa: F401

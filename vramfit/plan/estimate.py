@@ -8,7 +8,7 @@ from dataclasses import replace
 from .data import COMPONENTS, GB, Shape, calibration, offload_kind
 from .latency import cold_start, compute_step, offload_times, stage_compute
 from .memory import (host_gb, resolved_k, stage_peaks, stream_blocks, stream_host_load_peak_gb, stream_load_peak_gb,
-                     stream_stage_peaks)
+                     stream_server_needs, stream_stage_peaks)
 from .weights import layout
 
 # what an assumption says when the factor behind it was never measured on any GPU (ranking rule: such a recipe
@@ -44,7 +44,10 @@ def predict(model: str, recipe, shape: Shape, gpu: dict, weights_kind: str = "hu
     if err["assumed"]:
         assumed.append("expected error of " + ", ".join(err["assumed"]) + " (never measured)")
     assumed = sorted(set(assumed))
-    return {
+    own = ({"stage_own_gb": {s: round(v, 3) for s, v in
+                             stream_server_needs(model, recipe, shape, resolved_k(model, recipe)).items()}}
+           if offload_kind(recipe) == "stream" else {})
+    return {**own,
         "peak_vram_gb": round(max(stage_peak.values()), 3), "peak_host_gb": round(host, 2),
         "weights_gb": {k: round(layout(model, k, getattr(recipe, k)).total / GB, 3) for k in COMPONENTS},
         "stage_peak_gb": {k: round(v, 3) for k, v in stage_peak.items()},

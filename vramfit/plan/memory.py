@@ -118,6 +118,28 @@ def stream_stage_peaks(model: str, recipe, shape: Shape, k: int) -> dict[str, fl
             "decode": resident / GB + act["vae"]}
 
 
+def stream_server_needs(model: str, recipe, shape: Shape, k: int) -> dict[str, float]:
+    """GB each worker of the pipelined server holds at its peak under offload=stream:K, each stage its own process
+    with only its own components: encode = CLIP + T5's non-block weights + T5's slots (+ recast copies) + the
+    encoders' activations; denoise = the transformer's non-block weights, K blocks, slots (+ recast) and
+    activations; decode = the VAE and its activations. (One process holds them all at once: ``stream_stage_peaks``.)"""
+    act = activations_gb(model, recipe, shape)
+    split = stream_split(model, recipe, k)
+    slots = stream_constants()["slots"]
+
+    def own(c: str) -> int:
+        res, bl = split[c]
+        return res + slots * max(bl, default=0) + _largest_streamed_recast(model, c, getattr(recipe, c), len(bl))
+
+    def total(c: str) -> int:
+        return layout(model, c, getattr(recipe, c)).total
+
+    return {"encode": (total("text_encoder") + own("text_encoder_2")) / GB
+            + max(act["text_encoder"], act["text_encoder_2"]),
+            "denoise": own("transformer") / GB + act["transformer"],
+            "decode": total("vae") / GB + act["vae"]}
+
+
 def _largest_streamed_recast(model: str, comp: str, value: str, n_streamed: int) -> int:
     """The largest fp8 part of one streamed block under layerwise casting (the streamed blocks are the last
     ``n_streamed``); 0 for other families."""

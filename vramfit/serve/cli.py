@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 
 from ..errors import InputError, RecipeError
 
@@ -69,7 +70,7 @@ def serve_plan(args, spec, weights, device):
                               f"encode, denoise and decode as separate units. Alternative: offload=staged (stage "
                               f"batches), offload=stream:K (each stage streams its own blocks), offload=none "
                               f"(pipelined), or --vram to let the planner choose")
-        if off == "stream":  # K as written (plain `stream`: 0, every block streamed); --vram does not plan it yet
+        if off == "stream":  # K as written (plain `stream`: 0, every block streamed); --vram plans K itself
             from ..stream import resolve
 
             recipe = resolve(recipe)
@@ -92,9 +93,16 @@ def serve_plan(args, spec, weights, device):
 
     h, w = parse_size(args.size, spec)
     shape = plan.Shape(h, w, args.steps or spec.default_steps, 1, spec.max_sequence_length, images=1000)
-    # stage-batch reloads the transformer every cycle, so a compile's cold start would be paid per cycle
-    cands = [r for r in plan.candidate_recipes(shape)
-             if r.offload == "none" or (r.offload == "staged" and str(r.compile) == "off")]
+    # stage-batch reloads the transformer every cycle, so a compile's cold start would be paid per cycle;
+    # offload=stream runs pipelined, each stage worker streaming its own blocks, with K for three processes
+    cands = []
+    for r in plan.candidate_recipes(shape):
+        if plan.offload_kind(r) == "stream":
+            k = server_stream_k(spec.name, r, shape, budget)
+            if k is not None:
+                cands.append(replace(r, offload=f"stream:{k}"))
+        elif r.offload == "none" or (r.offload == "staged" and str(r.compile) == "off"):
+            cands.append(r)
     p = plan.make_plan(spec.name, shape, prof, budget, device_type=device.type, recipes=cands,
                        weights_kind=weights.kind)
     fitting = []
@@ -105,18 +113,20 @@ def serve_plan(args, spec, weights, device):
         # pipelined = three worker processes = two more CUDA contexts than the planner's one-process peak
         if r.offload == "none" and row["needs_vram_gb"] + 2 * CUDA_CONTEXT_GB > budget:
             continue
+        if plan.offload_kind(r) == "stream" and not pipelined_fits(row["predicted"], budget):
+            continue
         fitting.append((r, row))
     if not fitting:
         raise InputError(f"no recipe the server can run fits {budget:.2f} GB on {prof['profile']}"
                          + (f"; the smallest budget that works is {p['min_vram_gb']:.2f} GB" if p["min_vram_gb"]
                             else "") + ". Alternative: a larger --vram")
     chosen, row = fitting[0]
-    mode = "pipelined" if chosen.offload == "none" else "stage-batch"
+    mode = serve_mode(chosen)
     # fallbacks (DESIGN: on OOM, the next candidate with a smaller predicted peak, then by time -- the plan's
     # order), in the same mode (the same worker layout)
     peak = row["predicted"]["peak_vram_gb"]
     rest = [x for x in fitting[1:] if x[1]["predicted"]["peak_vram_gb"] < peak
-            and (x[0].offload == "none") == (mode == "pipelined")]
+            and serve_mode(x[0]) == mode]
     recipes = [chosen] + [r for r, _ in rest[:4]]
     # micro-batches only as large as the planner predicts fit (the batch scales the activation peaks)
     cal = plan.calibration()["budget"]
@@ -126,7 +136,9 @@ def serve_plan(args, spec, weights, device):
         pb = plan.predict(spec.name, chosen, plan.Shape(h, w, shape.steps, max_batch, shape.text_tokens),
                           prof, weights.kind)
         fits = pb["peak_vram_gb"] * (1 + cal["margin"]) + cal["reserve_gb"] + extra <= budget
-        if fits and mode == "pipelined":
+        if "stage_own_gb" in pb:  # offload=stream: what the three workers hold together, by the fit rule
+            fits = pipelined_fits(pb, budget)
+        elif fits and mode == "pipelined":
             # three processes each hold their own stage's peak: together they must fit what the caps split
             fits = sum(stage_needs(pb).values()) <= budget - 3 * CUDA_CONTEXT_GB
         if fits:
@@ -147,9 +159,38 @@ def serve_plan(args, spec, weights, device):
     return recipes, mode, record, fractions
 
 
+def serve_mode(recipe) -> str:
+    """stage-batch for offload=staged (one process, the components loaded in turn), else pipelined (three worker
+    processes: offload=none, or offload=stream with each stage streaming its own blocks)."""
+    return "stage-batch" if recipe.offload == "staged" else "pipelined"
+
+
+def pipelined_fits(pred: dict, budget_gb: float) -> bool:
+    """The three workers' needs together by the fit rule (margin + reserve), beside their three CUDA contexts."""
+    from .. import plan
+
+    return plan.fits_gb(sum(stage_needs(pred).values())) + 3 * CUDA_CONTEXT_GB <= budget_gb
+
+
+def server_stream_k(model: str, recipe, shape, budget_gb: float) -> int | None:
+    """The largest K for which offload=stream:K fits ``budget_gb`` as the pipelined server runs it (each stage a
+    worker with only its own components: ``plan.memory.stream_server_needs``); None when not even K=0 fits. Not the
+    one-process K of ``generate --vram``: the three workers hold their peaks at the same time."""
+    from .. import plan
+
+    for k in range(plan.stream_blocks(model), -1, -1):
+        needs = plan.memory.stream_server_needs(model, recipe, shape, k)
+        if plan.fits_gb(sum(needs.values())) + 3 * CUDA_CONTEXT_GB <= budget_gb:
+            return k
+    return None
+
+
 def stage_needs(pred: dict) -> dict:
     """What each pipelined stage worker needs on the GPU (GB): its weights plus its activations above all weights,
-    from ``plan.predict`` at the batch the server will take."""
+    from ``plan.predict`` at the batch the server will take; under offload=stream, the worker's own resident part,
+    slots and activations (``stage_own_gb``)."""
+    if "stage_own_gb" in pred:
+        return dict(pred["stage_own_gb"])
     wsum = sum(pred["weights_gb"].values())
     comps = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("transformer",), "decode": ("vae",)}
     return {s: sum(pred["weights_gb"][c] for c in cs) + max(0.0, pred["stage_peak_gb"][s] - wsum)
