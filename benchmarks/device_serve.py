@@ -11,6 +11,7 @@ says its steps):
              difference (seeds 0-2 alone at concurrency 1, then inside a batch of seeds 0-3); then POST /v1/free and one more
              request: the scale-to-zero reload time of each stage.
   batch-off  the same server with `--max-batch 1`: concurrency 1, 4, 16.
+  vram-8gb   `serve --vram 8GB`: the same, where the planner picks offload=stream (K for the three workers at once)
   vram-12gb  `serve --vram 12GB` (the planner picks recipe and mode; each stage worker capped with
              torch.cuda.set_per_process_memory_fraction at its share of the budget): concurrency 4, the measured
              peak allocated/reserved of every stage worker in the row.
@@ -196,6 +197,8 @@ def main() -> int:
 
     scenarios = [("batch-on", ["--recipe", "", "--max-batch", "4"]), ("batch-off", ["--recipe", "", "--max-batch", "1"]),
                  ("vram-12gb", vram_args + ["--max-batch", "4"])]
+    if not args.smoke:  # the planner's stream recipe for the server (K for three workers), each worker capped
+        scenarios.append(("vram-8gb", ["--vram", "8GB", "--max-batch", "4"]))
     only = {x for x in os.environ.get("VRAMFIT_SERVE_ONLY", "").split(",") if x}  # say vram-12gb: one scenario again
     scenarios = [s for s in scenarios if not only or s[0] in only]
     for name, sargs in scenarios:
@@ -207,7 +210,7 @@ def main() -> int:
             start_s = srv.wait(min(start_timeout, left()))
             st0 = status(srv)
             alone = {}
-            if name == "vram-12gb":
+            if name.startswith("vram-"):
                 r = load(srv, 4, counts[4], body, max(60.0, left()))
                 st = status(srv)
                 emit({"scenario": name, "server_start_s": start_s, "mode": st["mode"], "plan": st["plan"],
@@ -224,7 +227,8 @@ def main() -> int:
                                                               for s in st["stages"].values()), 3),
                       "denoise_mean_batch": round(st["stages"]["denoise"]["items"] / st["stages"]["denoise"]["runs"], 2)
                       if st["stages"]["denoise"]["runs"] else None, "batch_cap": st.get("batch_cap"),
-                      "budget_gb": 12.0, "memory_fraction": st["plan"].get("memory_fraction"),
+                      "budget_gb": float(name.removeprefix("vram-").removesuffix("gb")) if not args.smoke else None,
+                      "memory_fraction": st["plan"].get("memory_fraction"),
                       "stages": stage_summary(st)})
                 continue
             for conc in levels:

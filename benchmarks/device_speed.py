@@ -10,33 +10,37 @@ size: flux-dev stand-in, 1024x1024, 28 steps, 3 warm runs (median), seed 0. In o
 fits what is left of ``--budget-s`` (else a row "not-run: budget" saying so):
 
 1. ``bf16``                 bf16 eager: the baseline and the fidelity reference                       (~45 s)
-2. ``fast-nocdtune``        the fast recipe with ``compile=regional+nocdtune``: no coordinate-descent tuning (237 s
-                            of the fast recipe's first compile in session 9): its cold start and step time (~110 s)
+2. ``fast-cdtune``          the fast recipe with ``compile=regional+cdtune``: coordinate-descent tuning, vramfit's
+                            default for torchao before session 10 (199.8 s of compile in session 9) (~270 s)
 3. ``fast-cold``            the fastest no-cache candidate (fp8 dynamic per-row, fused QKV, regional compile),
-                            with an EMPTY compile cache: its cold start is the uncached one            (~270 s)
+                            with an EMPTY compile cache: its cold start is the uncached one (session 10: 61 s) (~110 s)
 4. ``fast-cached``          the same recipe as 3 in a new process WITH the cache 3 saved: the cached cold start
-                            (session 9: still compiling 191 s into its first denoise)                  (~245 s)
+                            (session 10: 50.5 s, 30 s of it the stand-in's load)                       (~75 s)
 5. ``fast-taylorseer``      3 + ``cache=taylorseer:4`` (fixed interval: the speed is the real model's), the cache
                             hooks around the compiled blocks; it shares 3's compile-cache entry; fidelity against
                             bf16 and against 3 or 4, the uncached run of the same recipe (``fidelity_vs``, also when
-                            it runs first)                                                             (~240 s)
-6. ``profile``              torch.profiler over one warm generation of the fastest no-cache row in a new process
-                            (the fast rows also profile one more warm run in their own process: ``breakdown``) (~90 s)
-7. ``taylorseer``           bf16 eager + ``cache=taylorseer:4``, fidelity also against bf16            (~40 s)
-8. more candidates while budget remains: CUDA graphs on the fast recipe (an ablation: +194 s of compile and no
-   gain in session 8), per-tensor fp8 (``torchao-fp8dq-tensor``), cuDNN attention, and the flux-fast-style anchor
-   (``compile=full+autotune+graphs``, fullgraph max-autotune: est. > 600 s, the 10-minute command limit -- a row
-   with that reason unless the budget allows it).
+                            it runs first)                                                             (~75 s)
+6. ``abl-regional``, ``abl-fp8dq``: the ablation's first rows (bf16 + regional; + fp8dq)            (~70, ~100 s)
+7. ``fast-cudnn``           cuDNN SDPA (no FA3 wheel here)                                             (~100 s)
+8. ``profile``              torch.profiler over one warm generation of the fastest no-cache row in a new process
+                            (fast-cold and fast-cached also profile one more warm run in their own process:
+                            ``breakdown``)                                                             (~90 s)
+9. ``taylorseer``           bf16 eager + ``cache=taylorseer:4``, fidelity also against bf16            (~40 s)
+10. more candidates while budget remains: CUDA graphs on the fast recipe (an ablation), per-tensor fp8
+   (``torchao-fp8dq-tensor``), and the flux-fast-style anchor (``compile=full+autotune+graphs``, fullgraph
+   max-autotune with flux-fast's inductor flags: est. > 600 s, the 10-minute command limit -- a row with that
+   reason unless the budget allows it).
 
 Ablation (``abl-regional``, ``abl-fp8dq``, then fast-cold, fast-graphs, fast-cudnn, fp8-tensor, fast-taylorseer):
 each step's own gain against the row it adds to, in the summary's ``ablation`` list, from the rows of one call.
-``--flags +nocdtune`` (``VRAMFIT_SPEED_FLAGS``) runs every torchao compile recipe without coordinate-descent tuning,
-with estimates to match (then there is no separate ``fast-nocdtune`` row).
+``--flags +cdtune`` (``VRAMFIT_SPEED_FLAGS``) runs every torchao compile recipe with coordinate-descent tuning,
+with estimates to match (then there is no separate ``fast-cdtune`` row). Session 10 ran ``--flags +nocdtune``: the
+same recipes as today's default.
 
-Estimated GPU time: more than one 10-minute command for all of 1-6: pick with ``VRAMFIT_SPEED_ONLY`` (its order is
-the run order, after bf16), e.g. ``VRAMFIT_SPEED_ONLY=fast-nocdtune,fast-cold,fast-cached`` then
-``VRAMFIT_SPEED_ONLY=fast-taylorseer,fast-cached``. ``VRAMFIT_SPEED_KEEP=1`` keeps an earlier call's work dir (its compile
-cache) on the same warm machine, so a second call can continue where the first stopped.
+Estimated GPU time: more than one 10-minute command for everything: pick with ``VRAMFIT_SPEED_ONLY`` (its order is
+the run order, after bf16), e.g. ``VRAMFIT_SPEED_ONLY=fast-cold,fast-cached,fast-taylorseer,abl-regional,abl-fp8dq``
+(session 10: 522 s with fast-cudnn and taylorseer). ``VRAMFIT_SPEED_KEEP=1`` keeps an earlier call's work dir (its
+compile cache) on the same warm machine, so a second call can continue where the first stopped.
 Rows: ``$OUT/speed.jsonl`` (bench rows + ``speed`` fields: role, x vs bf16 eager, cache kind), the profile
 row in the same file, and a summary table on stdout with the JSON summary as the last line.
 """
@@ -62,8 +66,9 @@ from vramfit import bench  # noqa: E402
 FAST = "transformer=torchao-fp8dq,fuse_qkv=on,compile=regional"
 # measured before (3.16 s warm, 170 s compile): used in FAST's place when FAST fails
 FALLBACK = "transformer=torchao-fp8dq,compile=regional"
-# --flags +nocdtune (VRAMFIT_SPEED_FLAGS): every torchao compile recipe below without inductor's coordinate-descent
-# tuning (237 of the 258 s of fast-taylorseer's first compile in session 9), with the estimates that go with it
+# --flags +cdtune (VRAMFIT_SPEED_FLAGS): every torchao compile recipe below with inductor's coordinate-descent tuning
+# (vramfit's default before session 10: 237 of the 258 s of fast-taylorseer's first compile in session 9), with the
+# estimates that go with it. Session 10 ran with +nocdtune, today's default (the same recipes without the flag)
 FLAGS = os.environ.get("VRAMFIT_SPEED_FLAGS", "")
 # the ablation, one step's own gain a row (flux-fast's table): (row, the row it adds one step to, the step)
 ABLATION = (("abl-regional", "bf16", "regional compile"), ("abl-fp8dq", "abl-regional", "fp8 dynamic per row"),
@@ -88,24 +93,19 @@ def ablation(rows: list[dict]) -> list[dict]:
 
 def full_table(flags: str = "") -> list[tuple]:
     """(name, recipe, role, est_s on the H200, note) for the full-size run; ``flags`` joins every compile=regional
-    recipe of a torchao transformer (``+nocdtune``: no coordinate-descent tuning, its estimates)."""
-    nocd = "nocdtune" in flags
+    recipe of a torchao transformer (``+cdtune``: coordinate-descent tuning, its estimates)."""
+    nocd = "+cdtune" not in flags
     fast, fallback = FAST + flags, FALLBACK + flags
 
     def est(cd: int, nc: int) -> int:
         return nc if nocd else cd
 
     rows = [("bf16", "bf16", "baseline", 45, "bf16 eager, no compile: the baseline and the fidelity reference")]
-    if not nocd:
-        # session 9: without coordinate-descent tuning (237 of fast-taylorseer's 258 s of compile; torchao's
-        # default, which vramfit applies for torchao recipes unless +nocdtune): the first compile, what tuning buys
-        rows.append(("fast-nocdtune", FAST + "+nocdtune", "candidate+cold-uncached", 110,
-                     "the fast recipe without inductor's coordinate-descent tuning: its cold start and step time"))
     rows += [
-        # session 9: 30 s load + 200 s compile, then 3.036 s warm
+        # session 10 (no tuning): 31 s load + 15 s compile, 61 s to the first image, then 3.071 s warm
         ("fast-cold", fast, "candidate+cold-uncached", est(270, 110),
          "fastest no-cache candidate; empty compile cache: its cold start is the uncached one"),
-        # session 9: killed at 221 s, still compiling with fast-cold's entry loaded
+        # session 10: 50.5 s to the first image (30 s of it the stand-in's load; 4 s compile from the cache)
         ("fast-cached", fast, "cold-cached", est(245, 75),
          "same recipe as fast-cold, new process, with the cache fast-cold saved"),
         # the step cache's hooks run around the compiled blocks: this recipe shares fast-cold's compile-cache entry
@@ -117,7 +117,7 @@ def full_table(flags: str = "") -> list[tuple]:
          "ablation: + fp8 dynamic quantization per row (the fast recipe without fused QKV)"),
         ("fast-cudnn", fast + ",attention=_native_cudnn", "candidate", est(250, 100),
          "cuDNN SDPA (no FA3 wheel here)"),
-        ("profile", None, "profile", 90, "torch.profiler breakdown of the fastest row"),
+        ("profile", None, "profile", est(90, 80), "torch.profiler breakdown of the fastest row"),
         ("taylorseer", "cache=taylorseer:4", "cache", 40,
          "bf16 eager + TaylorSeer lite, interval 4 (fixed schedule); fidelity_vs = against bf16"),
         ("fast-graphs", fast + "+graphs", "ablation", est(480, 250),
@@ -128,13 +128,18 @@ def full_table(flags: str = "") -> list[tuple]:
          900, "flux-fast style: fp8dq per-tensor, fused QKV, fullgraph max-autotune + CUDA graphs, inductor flags "
          "(cuDNN SDPA's place is taken by the default SDPA: no FA3 wheel)"),
     ]
+    if nocd:
+        # session 10: the tuning costs 185 s of compile for a 1 % faster step (sessions 9 / 10, different calls):
+        # what it buys, in the same call as the rows without it
+        rows.insert(-3, ("fast-cdtune", FAST + "+cdtune", "candidate+cold-uncached", 270,
+                     "the fast recipe with inductor's coordinate-descent tuning: its cold start and step time"))
     return rows
 
 
 FULL = full_table(FLAGS)
 SMOKE = [  # the same roles on flux-tiny, CPU (graphs/fp8dq/autotune cannot run there: their CPU stand-ins)
     ("bf16", "bf16", "baseline", 40, ""),
-    ("fast-nocdtune", "fuse_qkv=on,compile=regional+nocdtune", "candidate+cold-uncached", 400, ""),
+    ("fast-cdtune", "fuse_qkv=on,compile=regional+cdtune", "candidate+cold-uncached", 400, ""),
     ("fast-cold", "fuse_qkv=on,compile=regional", "candidate+cold-uncached", 400, "CPU stand-in of the fast recipe"),
     ("fast-cached", "fuse_qkv=on,compile=regional", "cold-cached", 300, ""),
     ("fast-taylorseer", "fuse_qkv=on,compile=regional,cache=taylorseer:2", "cache", 300, ""),
@@ -183,7 +188,7 @@ def breakdown_child(job: dict) -> int:
     return 0
 
 
-def run_profile(rows: list[dict], out: Path, device: str, smoke: bool, timeout: float) -> dict:
+def run_profile(rows: list[dict], out: Path, device: str, smoke: bool, timeout: float, fast: str | None = None) -> dict:
     ok = [r for r in rows if r["status"] == "ok" and bench._g(r, "warm", "total_s_median")
           and bench._g(r, "speed", "role") != "cache"]  # the fastest recipe without a step cache
     fastest = min(ok, key=lambda r: r["warm"]["total_s_median"]) if ok else None
@@ -191,6 +196,9 @@ def run_profile(rows: list[dict], out: Path, device: str, smoke: bool, timeout: 
             "status": None, "exit_reason": None, "error": None}
     if fastest is None:
         return {**base, "status": "skipped", "exit_reason": "not-run", "error": "no measured row to profile"}
+    if fastest["scenario"] == "bf16" and fast is not None:
+        # only the baseline ran in this call (say profile alone, after fast-cold's call): the fast recipe
+        fastest = {**fastest, "scenario": "fast (not run in this call)", "recipe": fast}
     row_path = out / "logs" / "profile.row.json"
     job = {"recipe": fastest["recipe"], "model": fastest["model"], "device": device, "row_path": str(row_path),
            "size": fastest["request"]["height"], "steps": fastest["steps"]}
@@ -221,7 +229,7 @@ def main() -> int:
     ap.add_argument("--keep-work", action="store_true", default=bool(os.environ.get("VRAMFIT_SPEED_KEEP")),
                     help="keep --work (its compile cache) from an earlier call on the same machine: fast-cold then "
                          "runs in one call and fast-cached in the next")
-    ap.add_argument("--flags", default=FLAGS, help="compile flags for every torchao compile recipe, e.g. +nocdtune "
+    ap.add_argument("--flags", default=FLAGS, help="compile flags for every torchao compile recipe, e.g. +cdtune "
                     "(VRAMFIT_SPEED_FLAGS)")
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -257,7 +265,8 @@ def main() -> int:
                    "error": f"budget: estimated {est} s on the H200, {max(left, 0):.0f} s of --budget-s left"
                    + (" (and over the 10-minute command limit)" if est >= 600 else "")}
         elif recipe is None:
-            row = run_profile(rows, out, device, args.smoke, timeout=max(left, 30))
+            row = run_profile(rows, out, device, args.smoke, timeout=max(left, 30),
+                              fast=None if args.smoke else FAST + args.flags)
         else:
             s = scenario(name, recipe, role, est, note, args.smoke)
             if role == "baseline":

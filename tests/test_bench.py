@@ -472,3 +472,16 @@ def test_compare_to_scores_a_scenario_against_another_and_profile_adds_a_breakdo
     assert back["latent_rel_l2"] == vs["latent_rel_l2"] and back["psnr_db"] == vs["psnr_db"]
     missing = bench.fidelity_vs_files(out, "cached", "never-ran", [0])
     assert missing["error"] and "never-ran" in missing["error"]
+
+
+def test_kernel_classes_of_the_h200_profile():
+    """Kernel names from the fp8dq + fused QKV + regional profile on the H200 (session 10): inductor's fused
+    pointwise/reduction kernels are "other" even when named after the matmul or attention they feed."""
+    from vramfit.measure import kernel_class
+
+    assert kernel_class("nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_ovscale_bias_TNT") == "linear"
+    assert kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128") == "attention"
+    assert kernel_class("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_gelu_t_unsqueeze_view_17") == "other"
+    assert kernel_class("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy_add") == "other"
+    assert kernel_class("triton_tem_fused_mm_0") == "linear"
+    assert kernel_class("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>") == "other"

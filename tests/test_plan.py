@@ -523,3 +523,25 @@ def test_stream_host_peak_from_a_checkpoint_counts_the_component_landing_in_host
     rows = {w: {c["recipe"]: c["status"] for c in plan.make_plan(
         "flux-dev", shape, h200, 3.0, 24.0, recipes=[r], weights_kind=w)["candidates"]} for w in ("dir", "random")}
     assert list(rows["dir"].values()) == ["too-much-ram"] and list(rows["random"].values())[0] in ("chosen", "fits")
+
+
+def test_compile_cold_start_is_keyed_by_coordinate_descent_tuning():
+    """The calibration keeps torchao's compile cold start with inductor's coordinate-descent tuning (+cdtune: the
+    2026-11-21 rows, 144-193 s, when torchao's configs switched it on themselves) apart from the default without it
+    (session 10: 19 s); the planner reads the key the recipe says."""
+    from vramfit.calibration import derive
+    from vramfit.plan.latency import cold_start
+
+    old = {"recipe": "transformer=torchao-fp8dq,compile=regional",
+           "manifest": [{"step": "quantize", "api": "quantize_(module, Float8DynamicActivationFloat8WeightConfig())"}]}
+    new = {"recipe": old["recipe"], "manifest": [{"step": "quantize", "api": "...(set_inductor_config=False)"}]}
+    assert derive.cd_tuned(old) and not derive.cd_tuned(new)
+    assert derive.cd_tuned({"recipe": "compile=regional+cdtune"}) and not derive.cd_tuned({"recipe": "compile=regional"})
+    assert derive.speed_variant({"recipe": "compile=regional,cache=taylorseer:4"})
+    assert derive.speed_variant({"recipe": "fuse_qkv=on,compile=regional"})
+    assert not derive.speed_variant({"recipe": "transformer=torchao-fp8dq,compile=regional+nocdtune"})
+    fam = plan.calibration()["compile"]["regional"]["cold_s_by_family"]
+    assert fam["torchao+cdtune"]["s"] > 5 * fam["torchao"]["s"]
+    plain, _ = cold_start(Recipe.parse("transformer=torchao-fp8dq,compile=regional"), [])
+    tuned, _ = cold_start(Recipe.parse("transformer=torchao-fp8dq,compile=regional+cdtune"), [])
+    assert tuned - plain == pytest.approx(fam["torchao+cdtune"]["s"] - fam["torchao"]["s"], abs=0.01)

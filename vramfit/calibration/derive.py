@@ -78,6 +78,41 @@ ERROR_LIKE = {"gguf-q6_k": "gguf-q4_1", "gguf-q5_k": "gguf-q4_1", "gguf-q5_1": "
 STEPS_FOR_ERRORS = 28  # the model's default: fidelity rows of other step counts count only where no 28-step row is
 
 
+def speed_variant(r: dict) -> bool:
+    """A bench row of a speed-path step (a step cache, fused QKV, another attention backend, CUDA graphs, autotune,
+    coordinate-descent tuning): it measures that step, not its backend, and no constant is fitted to it."""
+    rc = Recipe.parse(r["recipe"])
+    return (rc.cache != "none" or runtime_on(rc, "fuse_qkv") or rc.attention != "native"
+            or bool(set(rc.compile.split("+")[1:]) - {"nocdtune"}))
+
+
+def runtime_on(rc, key: str) -> bool:
+    return str(getattr(rc, key, "off")) == "on"
+
+
+def cd_tuned(r: dict) -> bool:
+    """Whether inductor's coordinate-descent tuning was on for a compiled row: its recipe's +cdtune / +nocdtune, else
+    the recorded dynamo settings; rows of torchao recipes from before vramfit passed ``set_inductor_config=False``
+    (its quantize entry says so) had it on -- torchao's configs switched it on themselves."""
+    rc = Recipe.parse(r["recipe"])
+    if rc.compile_cdtune is not None:
+        return rc.compile_cdtune
+    man = [m for m in r.get("manifest") or [] if isinstance(m, dict)]
+    for m in man:
+        if m.get("step") == "dynamo-config":
+            v = (m.get("settings") or {}).get("torch._inductor.config.coordinate_descent_tuning")
+            if v is not None:
+                return bool(v)
+    torchao = any(str(v).startswith("torchao-") for v in rc.components.values())
+    return torchao and not any("set_inductor_config=False" in str(m.get("api") or "") for m in man
+                               if m.get("step") == "quantize")
+
+
+def cold_family(fam: str, cdtune: bool) -> str:
+    """The calibration key of a compile cold start: the backend family, ``+cdtune`` where the tuning was on."""
+    return fam + "+cdtune" if cdtune else fam
+
+
 def errors_from_rows(bench: list) -> dict:
     """Expected error of every recipe value: the latent rel. L2 of bench rows against the bf16 reference of the
     same seed (``fidelity.latent_rel_l2``), median over the rows whose transformer carries the value (T5 as in
@@ -325,7 +360,7 @@ def derive(rows, quiet: bool = False) -> dict:
             and r.get("model") == "flux-dev" and "timings" in r]
     skipped = [r for r in rows if r.get("schema") == "vramfit.bench/1" and r.get("status") != "ok"]
     bench = [r for r in rows if r.get("schema") == "vramfit.bench/1" and r.get("status") == "ok"
-             and r.get("model") == "flux-dev" and (r.get("memory") or {}).get("gpu")]
+             and r.get("model") == "flux-dev" and (r.get("memory") or {}).get("gpu") and not speed_variant(r)]
     for r in bench:
         r["_m"] = bench_measured(r)
     probe = kind("probe")[-1]
@@ -366,8 +401,9 @@ def derive(rows, quiet: bool = False) -> dict:
         q = r["request"]
         return plan.Shape(q["height"], q["width"], r.get("steps", q["steps"]), 1, q.get("max_sequence_length", 512))
 
-    def recipe_of(r):
-        return Recipe.parse(r["recipe"])
+    def recipe_of(r):  # compile=regional+nocdtune is plain regional compile (the default since session 10)
+        rc = Recipe.parse(r["recipe"])
+        return rc.with_(compile=rc.compile_scope) if rc.compile.split("+")[1:] == ["nocdtune"] else rc
 
     def enc_compute(r):
         s = shape_of(r)
@@ -425,7 +461,8 @@ def derive(rows, quiet: bool = False) -> dict:
         cs = (r.get("cold") or {}).get("compile_s")
         if rc.compile == "off" or cs is None:
             continue
-        cold_rows.setdefault((rc.compile, plan.backend_family(rc.transformer)), []).append((cs, r["_file"], r["scenario"]))
+        fam = cold_family(plan.backend_family(rc.transformer), cd_tuned(r))
+        cold_rows.setdefault((rc.compile, fam), []).append((cs, r["_file"], r["scenario"]))
     for (mode, fam), vals in sorted(cold_rows.items()):
         compile_cal[mode].setdefault("cold_s_by_family", {})[fam] = {
             "s": round(statistics.median(v for v, _, _ in vals), 1),
@@ -446,7 +483,7 @@ def derive(rows, quiet: bool = False) -> dict:
                r.get("wall_s") if r.get("exit_reason") == "interrupted" else None)  # stopped from outside
         if rec.compile == "off" or not ran:
             continue
-        fam = plan.backend_family(rec.transformer)
+        fam = cold_family(plan.backend_family(rec.transformer), cd_tuned(r))
         if (rec.compile, fam) in cold_rows:
             continue
         bound = round(float(ran) - TIMEOUT_SETUP_S, 1)

@@ -247,7 +247,8 @@ def cold_start(recipe, assumed: list, cached=None) -> tuple[float, bool]:
     if cached is not None and cached(recipe):
         return cold, True
     cm = c["compile"][scope]
-    fam = backend_family(recipe.transformer)
+    # the family's key, +cdtune where inductor's coordinate-descent tuning is on (minutes for torchao's kernels)
+    fam = backend_family(recipe.transformer) + ("+cdtune" if recipe.compile_cdtune else "")
     # measured as first step minus median step: includes the first-step extra; per backend family where
     # measured (quantized blocks compile much slower than bf16 ones)
     fam_cold = cm.get("cold_s_by_family", {}).get(fam)
