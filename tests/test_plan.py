@@ -545,3 +545,19 @@ def test_compile_cold_start_is_keyed_by_coordinate_descent_tuning():
     plain, _ = cold_start(Recipe.parse("transformer=torchao-fp8dq,compile=regional"), [])
     tuned, _ = cold_start(Recipe.parse("transformer=torchao-fp8dq,compile=regional+cdtune"), [])
     assert tuned - plain == pytest.approx(fam["torchao+cdtune"]["s"] - fam["torchao"]["s"], abs=0.01)
+
+
+def test_planner_counts_the_steps_a_fixed_schedule_cache_computes():
+    """TaylorSeer's schedule is diffusers' fixed rule (3 warm-up steps, then every interval-th): 9 of 28 steps at
+    interval 4, as the H200 rows computed (steps 0, 1, 2, 4, ..., 24); a threshold cache counts every step, marked
+    assumed."""
+    from vramfit.plan.latency import cache_steps
+
+    assumed: list = []
+    assert cache_steps(Recipe.parse("cache=taylorseer:4"), 28, assumed) == 9 and not assumed
+    assert cache_steps(Recipe.parse("cache=taylorseer:2"), 8, assumed) == 5  # 0, 1, 2, 4, 6
+    assert cache_steps(Recipe.parse("cache=fbc:0.1"), 28, assumed) == 28 and "fbc" in assumed[0]
+    gpu, shape = plan.gpu_profile("h200"), plan.Shape(1024, 1024, 28, 1, 512)
+    full = plan.predict("flux-dev", Recipe.parse("bf16"), shape, gpu)
+    cached = plan.predict("flux-dev", Recipe.parse("cache=taylorseer:4"), shape, gpu)
+    assert cached["denoise_s"] < 0.4 * full["denoise_s"] and cached["peak_vram_gb"] == full["peak_vram_gb"]
