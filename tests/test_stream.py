@@ -236,7 +236,7 @@ def _bf16_bytes(module) -> int:
 @pytest.mark.parametrize("value", ["bnb-nf4", "torchao-int8wo", "quanto-int8"])
 def test_stand_in_quantized_while_drawn_holds_one_bf16_block(value):
     """offload=stream on the random stand-in: each block is quantized and parked as soon as its values are drawn
-    (apply._build_random_streamed). Same bytes and outputs as drawing the whole component first, and at no point
+    (apply._build_random_blockwise). Same bytes and outputs as drawing the whole component first, and at no point
     more than one block of bf16 weights beyond the component's non-block layers (29 GB of host RSS for NF4 on the
     H200 with the whole bf16 transformer drawn first)."""
     from vramfit import apply
@@ -260,7 +260,8 @@ def test_stand_in_quantized_while_drawn_holds_one_bf16_block(value):
         stream.StreamedQuantizer.block_done = spy
         try:
             m = Manifest()
-            drawn = apply._build_random_streamed(SPEC, weights, component, value, torch.bfloat16, CPU, m)
+            drawn = apply._build_random_blockwise(SPEC, weights, component, value, torch.bfloat16, CPU, m, False,
+                                                   park=True)
         finally:
             stream.StreamedQuantizer.block_done = real
         n_blocks = sum(len(whole.get_submodule(l)) for l in stream.BLOCK_LISTS[component])
@@ -275,6 +276,60 @@ def test_stand_in_quantized_while_drawn_holds_one_bf16_block(value):
         assert load["built"].startswith("block by block") and load["params"] == sum(
             p.numel() for p in models.empty_component(SPEC, component, torch.bfloat16).parameters())
         assert_same_outputs(component, whole, drawn)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("park", [False, True])
+def test_stand_in_drawn_block_by_block_equals_the_whole_one(fuse, park):
+    """The torchao stand-in is drawn block by block on its device, each block fused (fuse_qkv=on) and quantized as
+    soon as it is drawn, rather than drawn whole in host memory and quantized onto the GPU layer by layer (31 s of
+    the fp8dq + fused-QKV stand-in's load on the H200). The same tensors, bit for bit, as drawing it whole, fusing
+    it (runtime.fuse_qkv) and quantizing it, and the same output; with ``park`` the blocks end in host memory."""
+    from vramfit import apply, runtime
+    from vramfit.apply import Manifest
+
+    weights = models.resolve_weights(SPEC, "random")
+    whole = models.build_random_component(SPEC, "transformer", 0, "cpu", torch.bfloat16)
+    mw = Manifest()
+    if fuse:
+        runtime.fuse_qkv(whole, mw)
+    quant.quantize_component(whole, "transformer", "torchao-int8wo", "cpu")
+    m = Manifest()
+    drawn = apply._build_random_blockwise(SPEC, weights, "transformer", "torchao-int8wo", torch.bfloat16, CPU, m,
+                                          fuse, park=park)
+    a, b = whole.state_dict(), drawn.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        pa, pb = a[k], b[k]
+        inner = getattr(pa, "qdata", None)
+        if inner is not None:  # torchao's quantized weight: its packed data and scales
+            assert torch.equal(pa.qdata, pb.qdata) and torch.equal(pa.scale, pb.scale), k
+        else:
+            assert torch.equal(pa, pb), k
+    assert_same_outputs("transformer", whole, drawn)
+    names = [s["step"] for s in m.steps]
+    if fuse:
+        [f] = [s for s in m.steps if s["step"] == "fuse_qkv"]
+        assert f == {**[s for s in mw.steps if s["step"] == "fuse_qkv"][0], "api": f["api"]}
+        assert "block by block" in f["api"] and names.index("fuse_qkv") < names.index("quantize")
+        assert not hasattr(drawn.transformer_blocks[0].attn, "to_q") and hasattr(drawn.transformer_blocks[0].attn,
+                                                                               "to_qkv")
+    else:
+        assert "fuse_qkv" not in names
+    [load] = [s for s in m.steps if s["step"] == "load"]
+    assert load["built"].startswith("block by block") and ("fused" in load["built"]) == fuse
+    assert ("parked" in load["built"]) == park
+
+
+def test_resident_torchao_stand_in_is_drawn_block_by_block(tmp_path):
+    """The run's path: a resident torchao transformer (with fuse_qkv=on) comes from the block-by-block build."""
+    weights = models.resolve_weights(SPEC, "random")
+    r = Runner(SPEC, weights, Recipe.parse("transformer=torchao-int8wo,fuse_qkv=on"), CPU, progress=False)
+    res = r.generate(request_for(SPEC, "a fox", steps=2, seed=0))
+    [load] = [s for s in res.record["manifest"] if s["step"] == "load" and s["component"] == "transformer"]
+    assert load["built"] == "block by block, each block fused, quantized on cpu as soon as it is drawn"
+    assert [s["step"] for s in res.record["manifest"]].count("fuse_qkv") == 1
+    assert torch.isfinite(res.latents).all()
 
 
 def test_stand_in_drawn_block_weights_are_freed_once_quantized():
@@ -306,7 +361,8 @@ def test_stand_in_drawn_block_weights_are_freed_once_quantized():
     try:
         for component in ("transformer", "text_encoder_2"):
             m = Manifest()
-            drawn = apply._build_random_streamed(SPEC, weights, component, "bnb-nf4", torch.bfloat16, CPU, m)
+            drawn = apply._build_random_blockwise(SPEC, weights, component, "bnb-nf4", torch.bfloat16, CPU, m, False,
+                                                   park=True)
             [load] = [s for s in m.steps if s["step"] == "load"]
             assert load["weight_bytes"] == 2 * load["params"]  # bf16 bytes, not the meta module's float32
             del drawn

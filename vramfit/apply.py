@@ -295,11 +295,17 @@ def load_component(
         build_on = torch.device("cpu") if q is not None else device
         streamed = (q is not None and recipe.offload_kind == "stream" and device.type == "cuda"
                     and component in ("transformer", "text_encoder_2"))
-        if streamed and not fuse:
+        if streamed:
             # offload=stream: each block is quantized on the GPU and parked in host memory as soon as its values
             # are drawn, so host memory never holds the bf16 component (23.8 GB for FLUX.1-dev's transformer:
             # host RSS peaked at 29.0 GB for NF4 stream on the H200 before this)
-            return _build_random_streamed(spec, weights, component, value, dtype, device, manifest)
+            return _build_random_blockwise(spec, weights, component, value, dtype, device, manifest, fuse, park=True)
+        if q is not None and _resident_blockwise(value, component):
+            # drawn on the device block by block, each block fused (fuse_qkv=on) and quantized there as soon as it is
+            # drawn: the device holds the quantized component plus one bf16 block, as quantize-on-load does, and no
+            # weight crosses the host link (built in host memory and quantized onto the GPU layer by layer, the
+            # fp8dq + fused-QKV stand-in took 31 s to load on the H200, session 10)
+            return _build_random_blockwise(spec, weights, component, value, dtype, device, manifest, fuse, park=False)
         module = models.build_random_component(spec, component, weights.seed, build_on, dtype)
         manifest.add("load", component=component, source=f"random seed={weights.seed}", dtype=str(dtype),
                      device=str(build_on), generated_on=str(models.random_generation_device(build_on)),
@@ -307,12 +313,7 @@ def load_component(
         if fuse:  # before quantizing, as flux-fast does: the fused layers are quantized like the others
             runtime.fuse_qkv(module, manifest)
         if q is not None:
-            if streamed:
-                from . import stream  # one block at a time on the GPU, then to host memory (a budget holds)
-
-                entry = stream.quantize_streamed(module, component, value, device)
-            else:
-                entry = q.quantize_component(module, component, value, device)
+            entry = q.quantize_component(module, component, value, device)
             manifest.add(**{"component": component, **entry})
         return module
     # hub id or local directory: the real from_pretrained path, quantizing on load where the backend can.
@@ -390,26 +391,40 @@ def _load_gguf(spec: ModelSpec, gguf_file: str, value: str, device, manifest: Ma
     return module
 
 
-def _build_random_streamed(spec: ModelSpec, weights: Weights, component: str, value: str, dtype, device,
-                           manifest: Manifest) -> torch.nn.Module:
-    """The random stand-in for ``offload=stream``, quantized block by block while it is drawn
-    (``stream.StreamedQuantizer.block_done`` as ``models.materialize_random``'s ``unit_done``): the same values and
-    bytes as building it whole and then quantizing it per block, with one bf16 block in host memory at a time."""
+def _resident_blockwise(value: str, component: str) -> bool:
+    """The resident stand-ins drawn block by block on their device (``_build_random_blockwise(park=False)``):
+    torchao's, whose per-linear ``quantize_`` gives the same bytes per block as on the whole component."""
+    from . import stream
+
+    return component in stream.BLOCK_LISTS and quant_module().get_spec(value).family == "torchao"
+
+
+def _build_random_blockwise(spec: ModelSpec, weights: Weights, component: str, value: str, dtype, device,
+                            manifest: Manifest, fuse: bool, park: bool) -> torch.nn.Module:
+    """The random stand-in quantized block by block while it is drawn (``stream.StreamedQuantizer.block_done`` as
+    ``models.materialize_random``'s ``unit_done``): the same values and bytes as building it whole, fusing its q/k/v
+    (``fuse``) and then quantizing it. ``park`` (offload=stream): drawn in host memory, each block quantized on the
+    device and parked back in host memory, which never holds more than one bf16 block; else drawn on the device and
+    kept there, which holds the quantized blocks plus one bf16 block."""
     from . import stream
 
     module = models.empty_component(spec, component, dtype)
     params = sum(p.numel() for p in module.parameters())
     # what the drawn values weigh in ``dtype`` (a diffusers model's meta parameters are float32 whatever ``dtype``)
     bf16_bytes = params * torch.empty((), dtype=dtype).element_size()
-    q = stream.StreamedQuantizer(module, component, value, device)
-    cpu = torch.device("cpu")
-    models.materialize_random(module, models.component_seed(weights.seed, component), cpu, dtype, units=q.blocks,
+    q = stream.StreamedQuantizer(module, component, value, device, park=park, fuse=fuse)
+    on = torch.device("cpu") if park else torch.device(device)
+    models.materialize_random(module, models.component_seed(weights.seed, component), on, dtype, units=q.blocks,
                               unit_done=q.block_done)
     manifest.add("load", component=component, source=f"random seed={weights.seed}", dtype=str(dtype),
-                 device=str(cpu), generated_on=str(models.random_generation_device(cpu)), **{"class": type(module).__name__},
+                 device=str(on), generated_on=str(models.random_generation_device(on)), **{"class": type(module).__name__},
                  params=params, weight_bytes=bf16_bytes,
-                 built="block by block, each block quantized and parked as soon as it is drawn")
+                 built="block by block, each block " + ("fused, " if fuse else "")
+                       + ("quantized and parked as soon as it is drawn" if park
+                          else f"quantized on {on} as soon as it is drawn"))
     entry = q.finish()
+    if fuse:
+        q.record_fusion(manifest)
     manifest.add(**{"component": component, **entry})
     return module
 

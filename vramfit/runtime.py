@@ -145,21 +145,23 @@ def check_load(recipe, weights_kind: str, prequantized: bool, quantize_on_load: 
 # applying
 
 
-def fuse_qkv(transformer, manifest) -> None:
-    """diffusers' own ``fuse_qkv_projections``; the unfused q/k/v layers are then dropped (diffusers keeps both,
-    which would add ~4.3 GB of bf16 weights to FLUX.1-dev), so the weights are fused exactly once."""
+def fuse_qkv_in(root) -> tuple[int, int, int]:
+    """diffusers' own per-module fusion (``AttentionModuleMixin.fuse_projections``, what ``fuse_qkv_projections``
+    calls on every attention module) for the attention modules under ``root`` (the transformer, or one of its blocks
+    while a stand-in is built block by block); the unfused q/k/v layers are then dropped (diffusers keeps both, which
+    would add ~4.3 GB of bf16 weights to FLUX.1-dev), so the weights are fused exactly once. Returns (attention
+    modules, fused, layers dropped)."""
     from diffusers.models.attention import AttentionModuleMixin
     from transformers.initialization import no_init_weights
 
+    attn = [m for m in root.modules() if isinstance(m, AttentionModuleMixin) and m._supports_qkv_fusion]
     # diffusers makes each fused layer as a new nn.Linear, whose random init it then overwrites with the concatenated
     # weights: on the host that init was 12 of the 31 s the fp8dq + fused QKV stand-in took to load on the H200
     # (session 10; 0.18 s per 3072x9216 layer here), so it is skipped (transformers' no_init_weights)
     with no_init_weights():
-        transformer.fuse_qkv_projections()
-    attn = [m for m in transformer.modules() if isinstance(m, AttentionModuleMixin) and m._supports_qkv_fusion]
+        for m in attn:
+            m.fuse_projections()
     fused = [m for m in attn if getattr(m, "fused_projections", False) and hasattr(m, "to_qkv")]
-    if not attn or len(fused) != len(attn):
-        raise NotApplied(f"fuse_qkv=on: {len(fused)} of {len(attn)} attention modules report fused projections")
     dropped = 0
     for m in fused:
         names = ["to_q", "to_k", "to_v"] + (["add_q_proj", "add_k_proj", "add_v_proj"]
@@ -168,8 +170,29 @@ def fuse_qkv(transformer, manifest) -> None:
             if isinstance(getattr(m, name, None), torch.nn.Module):
                 delattr(m, name)
                 dropped += 1
-    manifest.add("fuse_qkv", api="transformer.fuse_qkv_projections()", fused_modules=len(fused),
-                 dropped_unfused_layers=dropped, verified=True)
+    return len(attn), len(fused), dropped
+
+
+def check_fusable(transformer) -> None:
+    """``fuse_qkv_projections``'s own refusal (added-KV processors), before any fusing."""
+    for _, proc in transformer.attn_processors.items():
+        if "Added" in type(proc).__name__:
+            raise RecipeError("fuse_qkv=on: diffusers does not fuse models having added KV projections. "
+                              "Alternative: fuse_qkv=off")
+
+
+def fuse_qkv_entry(manifest, attn: int, fused: int, dropped: int, api: str) -> None:
+    if not attn or fused != attn:
+        raise NotApplied(f"fuse_qkv=on: {fused} of {attn} attention modules report fused projections")
+    manifest.add("fuse_qkv", api=api, fused_modules=fused, dropped_unfused_layers=dropped, verified=True)
+
+
+def fuse_qkv(transformer, manifest) -> None:
+    """fuse_qkv=on on a whole transformer (``fuse_qkv_in``), recorded in the manifest."""
+    check_fusable(transformer)
+    fuse_qkv_entry(manifest, *fuse_qkv_in(transformer),
+                   api="attn.fuse_projections() on every attention module (what transformer.fuse_qkv_projections() "
+                       "calls), the unfused q/k/v layers dropped")
 
 
 def vae_tile_px(native: int) -> int:

@@ -872,11 +872,21 @@ class StreamedQuantizer:
     one unquantized block. ``block_done`` may be called while the component is still being built (the random
     stand-in, ``models.materialize_random(unit_done=...)``): the host then never holds more than one bf16 block."""
 
-    def __init__(self, module: torch.nn.Module, component: str, value: str, device):
+    def __init__(self, module: torch.nn.Module, component: str, value: str, device, park: bool = True,
+                 fuse: bool = False):
         from . import quant
 
         self.module, self.component, self.value = module, component, value
         self.device = torch.device(device)
+        # park=False: each quantized block stays on the device (a resident stand-in drawn there block by block:
+        # neither its bf16 weights nor their quantized bytes cross the host link). fuse: fuse_qkv=on, each block's
+        # q/k/v fused before it is quantized (flux-fast's order, as runtime.fuse_qkv on the whole transformer)
+        self.park, self.fuse = park, fuse
+        self.fused = [0, 0, 0]  # attention modules, fused, layers dropped
+        if fuse:
+            from . import runtime
+
+            runtime.check_fusable(module)
         self.skip = quant._not_convert_keys(module)
         self.blocks = [f"{lname}.{i}" for lname in BLOCK_LISTS[component]
                        for i in range(len(module.get_submodule(lname)))]
@@ -886,11 +896,24 @@ class StreamedQuantizer:
         from . import quant
 
         block = self.module.get_submodule(name)
+        if self.fuse:
+            from . import runtime
+
+            self.fused = [a + b for a, b in zip(self.fused, runtime.fuse_qkv_in(block))]
         quant.quantize_component(_One(block, _block_skip(self.skip, name)), self.component, self.value, self.device)
-        _to_device(block, torch.device("cpu"), set())  # packed bytes leave the device before the next block comes
-        measure.release_host_heap()  # the block's freed bf16 weights: their heap pages back to the OS
+        if self.park:
+            _to_device(block, torch.device("cpu"), set())  # packed bytes leave the device before the next block
+            measure.release_host_heap()  # the block's freed bf16 weights: their heap pages back to the OS
         check_bnb4_states(block, f"{self.component}.{name}")
         self.done.add(name)
+
+    def record_fusion(self, manifest) -> None:
+        """The fuse_qkv entry of a block-by-block fusion (``fuse=True``), once every block is done."""
+        from . import runtime
+
+        runtime.fuse_qkv_entry(manifest, *self.fused, api=(
+            "attn.fuse_projections() on each attention module (what transformer.fuse_qkv_projections() calls), "
+            "block by block before each block is quantized, the unfused q/k/v layers dropped"))
 
     def finish(self) -> dict:
         from . import quant
@@ -907,8 +930,9 @@ class StreamedQuantizer:
         for lname, lst in lists:
             for i, block in enumerate(saved[lname]):
                 lst[i] = block
-        entry["api"] = (f"{entry['api']}; per block on {self.device} then moved to host ({len(self.blocks)} blocks, "
-                        f"vramfit.stream.quantize_streamed), then the rest on {self.device}")
+        how = ("then moved to host ({} blocks, vramfit.stream.quantize_streamed)" if self.park else
+               "kept there ({} blocks, vramfit.stream.StreamedQuantizer(park=False))").format(len(self.blocks))
+        entry["api"] = f"{entry['api']}; per block on {self.device} {how}, then the rest on {self.device}"
         entry["classes"] = quant.quantized_classes(self.module)
         entry["quantized_modules"] = sum(entry["classes"].values())
         entry["weight_bytes"] = quant.weight_bytes(self.module)
