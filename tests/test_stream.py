@@ -233,12 +233,13 @@ def _bf16_bytes(module) -> int:
                if p.device.type != "meta" and p.dtype == torch.bfloat16 and not stream._is_wrapper(p.data))
 
 
-@pytest.mark.parametrize("value", ["bnb-nf4", "torchao-int8wo", "quanto-int8"])
+@pytest.mark.parametrize("value", ["bnb-nf4", "torchao-int8wo", "quanto-int8", "fp8-layerwise"])
 def test_stand_in_quantized_while_drawn_holds_one_bf16_block(value):
     """offload=stream on the random stand-in: each block is quantized and parked as soon as its values are drawn
-    (apply._build_random_blockwise). Same bytes and outputs as drawing the whole component first, and at no point
-    more than one block of bf16 weights beyond the component's non-block layers (29 GB of host RSS for NF4 on the
-    H200 with the whole bf16 transformer drawn first)."""
+    (apply._build_random_blockwise); fp8 layerwise casting casts each block in host memory. Same bytes and outputs
+    as drawing the whole component first, and at no point more than one block of bf16 weights beyond the
+    component's non-block layers (29 GB of host RSS for NF4 on the H200 with the whole bf16 transformer drawn first,
+    30.8 GB for fp8-layerwise transformer + T5)."""
     from vramfit import apply
     from vramfit.apply import Manifest
 
@@ -319,6 +320,137 @@ def test_stand_in_drawn_block_by_block_equals_the_whole_one(fuse, park):
     [load] = [s for s in m.steps if s["step"] == "load"]
     assert load["built"].startswith("block by block") and ("fused" in load["built"]) == fuse
     assert ("parked" in load["built"]) == park
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _cast_modules(module, storage) -> set:
+    """Modules holding a parameter or buffer of their own in the fp8 storage dtype."""
+    return {n for n, m in module.named_modules()
+            if any(t is not None and t.dtype == storage for t in [*m._parameters.values(), *m._buffers.values()])}
+
+
+def _hooks(module) -> dict:
+    """{module name: [(hook name, class, storage, compute, non_blocking)]} of every diffusers hook registry."""
+    return {n: [(k, type(h).__name__, getattr(h, "storage_dtype", None), getattr(h, "compute_dtype", None),
+                 getattr(h, "non_blocking", None)) for k in m._diffusers_hook._hook_order
+                for h in [m._diffusers_hook.hooks[k]]]
+            for n, m in module.named_modules() if getattr(m, "_diffusers_hook", None) is not None}
+
+
+@pytest.mark.parametrize("value", ["fp8-layerwise", "fp8-layerwise-e5m2"])
+@pytest.mark.parametrize("component,fuse", [("transformer", False), ("transformer", True), ("text_encoder_2", False)])
+def test_layerwise_stand_in_cast_block_by_block_equals_the_whole_cast(component, fuse, value, monkeypatch):
+    """offload=stream on the fp8 layerwise-cast stand-in: each block is cast to its fp8 storage dtype in host memory
+    as soon as it is drawn, then diffusers' casting runs on the whole component (a no-op on the blocks' cast
+    layers, and the hooks are its own) -- rather than the whole bf16 component drawn first (host RSS peaked at
+    30.8 GB on the H200 for the transformer + T5, with 20.7 GB pinned). Exactly what drawing it whole and casting
+    it gives: the same modules cast (diffusers' skip patterns, T5's quant.layerwise_skip_patterns), the same
+    LayerwiseCastingHook on each, the same bytes, the same output, and the quantize entry up to its api suffix."""
+    from vramfit import apply, runtime
+    from vramfit.apply import Manifest
+
+    storage = torch.float8_e5m2 if value.endswith("e5m2") else torch.float8_e4m3fn
+    weights = models.resolve_weights(SPEC, "random")
+    whole = models.build_random_component(SPEC, component, 0, "cpu", torch.bfloat16)
+    if fuse:
+        runtime.fuse_qkv(whole, Manifest())
+    ref = {"component": component, **quant.quantize_component(whole, component, value, "cpu")}
+    at_draw: set = set()  # the block layers in fp8 right after each block was drawn, before the final casting
+    real = stream.StreamedQuantizer.block_done
+
+    def spy(self, name):
+        real(self, name)
+        at_draw.update(f"{name}.{n}" for n in _cast_modules(self.module.get_submodule(name), storage))
+
+    monkeypatch.setattr(stream.StreamedQuantizer, "block_done", spy)
+    m = Manifest()
+    drawn = apply._build_random_blockwise(SPEC, weights, component, value, torch.bfloat16, CPU, m, fuse, park=True)
+    cast = _cast_modules(whole, storage)
+    # each block was cast as it was drawn, exactly its layers that the whole casting casts: a plan that leaves one
+    # to the final casting (bf16 held to the end) fails here even though the end result would be the same
+    assert at_draw == {n for n in cast if any(n.startswith(l + ".") for l in stream.BLOCK_LISTS[component])}
+    # the same modules cast, each hooked by diffusers, and nothing else stored in fp8 (a block layer cast that
+    # diffusers skips, or one it casts left in bf16, fails here and in the state dict below)
+    assert cast and _cast_modules(drawn, storage) == cast
+    assert set(stream.layerwise_hooks(drawn)) == set(stream.layerwise_hooks(whole)) == cast
+    assert any(n.startswith(stream.BLOCK_LISTS[component][0] + ".") for n in cast)
+    rest = {n for n in cast if not any(n.startswith(l + ".") for l in stream.BLOCK_LISTS[component])}
+    # the rest is cast by the final call: FLUX's embedders; T5 casts nothing outside its blocks (shared, the final
+    # norm and embed_tokens are skipped)
+    assert bool(rest) == (component == "transformer"), rest
+    assert _hooks(drawn) == _hooks(whole)
+    a, b = whole.state_dict(), drawn.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(_bits(a[k]), _bits(b[k])), k
+    assert all(t.device == CPU for t in [*drawn.parameters(), *drawn.buffers()])  # cast in host memory, parked
+    assert_same_outputs(component, whole, drawn)
+    [load] = [s for s in m.steps if s["step"] == "load"]
+    assert load["built"] == ("block by block, each block " + ("fused, " if fuse else "")
+                             + f"cast to {str(storage).removeprefix('torch.')} as soon as it is drawn")
+    assert load["device"] == "cpu"
+    [q] = [s for s in m.steps if s["step"] == "quantize"]
+    assert q == {**ref, "api": q["api"]}
+    assert q["api"].startswith(ref["api"] + "; block by block: ") and "in host memory" in q["api"]
+
+
+def test_layerwise_block_cast_is_checked_against_diffusers_casting(monkeypatch):
+    """The layers cast block by block come from diffusers' own casting run on a meta copy
+    (``stream.layerwise_plan``); ``finish`` checks that the casting of the whole component hooked exactly those, so
+    a plan that casts a layer diffusers skips (a norm's modulation linear), or misses one it casts, is an error
+    rather than a different model."""
+    from vramfit import apply
+    from vramfit.apply import Manifest
+
+    weights = models.resolve_weights(SPEC, "random")
+    real = stream.layerwise_plan
+    for change in ("add", "drop"):
+        def plan(module, component, value, fuse=False, change=change):
+            out = dict(real(module, component, value, fuse))
+            if change == "add":
+                out["transformer_blocks.0.norm1.linear"] = out["transformer_blocks.0.attn.to_q"]
+            else:
+                del out["transformer_blocks.0.attn.to_q"]
+            return out
+
+        monkeypatch.setattr(stream, "layerwise_plan", plan)
+        with pytest.raises(RuntimeError, match="does not match diffusers' layerwise casting"):
+            apply._build_random_blockwise(SPEC, weights, "transformer", "fp8-layerwise", torch.bfloat16, CPU,
+                                          Manifest(), False, park=True)
+
+
+def test_layerwise_stand_in_under_stream_is_cast_block_by_block_on_a_gpu_run(monkeypatch):
+    """``load_component`` takes the block-by-block cast for fp8 layerwise transformer and T5 under offload=stream on
+    a GPU run only: ``device`` is the host there (stream.load_device), so the run's device decides, which
+    build_pipeline passes (``run_device``). On this CPU the path runs as on the GPU: it never touches the device."""
+    from vramfit import apply
+    from vramfit.apply import Manifest
+
+    weights = models.resolve_weights(SPEC, "random")
+    r = Recipe.parse("transformer=fp8-layerwise,text_encoder_2=fp8-layerwise,offload=stream")
+    for component in ("transformer", "text_encoder_2"):
+        for run_device, blockwise in ((torch.device("cuda"), True), (CPU, False), (None, False)):
+            m = Manifest()
+            apply.load_component(SPEC, weights, r, component, CPU, m, run_device=run_device)
+            [load] = [s for s in m.steps if s["step"] == "load"]
+            assert ("built" in load) == blockwise, (component, run_device)
+    m = Manifest()
+    apply.load_component(SPEC, weights, Recipe.parse("transformer=fp8-layerwise"), "transformer", CPU, m,
+                         run_device=torch.device("cuda"))  # resident: drawn whole and cast, as before
+    assert "built" not in m.steps[0]
+    seen = {}
+    real = apply.load_component
+
+    def spy(spec, weights, recipe, component, device, manifest, gguf_file=None, run_device=None):
+        seen[component] = (device, run_device)
+        return real(spec, weights, recipe, component, device, manifest, gguf_file, run_device=run_device)
+
+    monkeypatch.setattr(apply, "load_component", spy)
+    apply.build_pipeline(SPEC, weights, r, CPU, Manifest())
+    assert seen == {c: (CPU, CPU) for c in models.COMPONENTS}
 
 
 def test_resident_torchao_stand_in_is_drawn_block_by_block(tmp_path):

@@ -274,9 +274,11 @@ def component_quantization_config(recipe: Recipe, weights: Weights, component: s
 
 def load_component(
     spec: ModelSpec, weights: Weights, recipe: Recipe, component: str, device: torch.device,
-    manifest: Manifest, gguf_file: str | None = None,
+    manifest: Manifest, gguf_file: str | None = None, run_device: torch.device | None = None,
 ) -> torch.nn.Module:
-    """Build or load one component as the recipe says, quantized if asked, placed on ``device``."""
+    """Build or load one component as the recipe says, quantized if asked, placed on ``device``. ``run_device``:
+    the device the run computes on, where it differs from ``device`` (offload=stream places fp8 layerwise-cast
+    components in host memory, ``stream.load_device``); None: ``device``."""
     from . import runtime
 
     value = getattr(recipe, component)
@@ -293,12 +295,17 @@ def load_component(
         # a stand-in to be quantized is built in host memory and quantized onto the device layer by layer, as
         # quantize-on-load does with real checkpoints: the bf16 component never sits whole on the GPU
         build_on = torch.device("cpu") if q is not None else device
-        streamed = (q is not None and recipe.offload_kind == "stream" and device.type == "cuda"
+        # fp8 layerwise casting loads in host memory under offload=stream, so ``device`` is the CPU on a GPU run too
+        layerwise = q is not None and q.get_spec(value).family == "layerwise"
+        runs_on = torch.device(run_device) if layerwise and run_device is not None else device
+        streamed = (q is not None and recipe.offload_kind == "stream" and runs_on.type == "cuda"
                     and component in ("transformer", "text_encoder_2"))
         if streamed:
             # offload=stream: each block is quantized on the GPU and parked in host memory as soon as its values
             # are drawn, so host memory never holds the bf16 component (23.8 GB for FLUX.1-dev's transformer:
-            # host RSS peaked at 29.0 GB for NF4 stream on the H200 before this)
+            # host RSS peaked at 29.0 GB for NF4 stream on the H200 before this). fp8 layerwise casting: each block
+            # is cast in host memory as soon as it is drawn, with no device round trip (drawn whole first, the
+            # fp8-layerwise transformer + T5 stand-in peaked at 30.8 GB of host RSS on the H200 for 20.7 GB pinned)
             return _build_random_blockwise(spec, weights, component, value, dtype, device, manifest, fuse, park=True)
         if q is not None and _resident_blockwise(value, component):
             # drawn on the device block by block, each block fused (fuse_qkv=on) and quantized there as soon as it is
@@ -405,7 +412,9 @@ def _build_random_blockwise(spec: ModelSpec, weights: Weights, component: str, v
     ``models.materialize_random``'s ``unit_done``): the same values and bytes as building it whole, fusing its q/k/v
     (``fuse``) and then quantizing it. ``park`` (offload=stream): drawn in host memory, each block quantized on the
     device and parked back in host memory, which never holds more than one bf16 block; else drawn on the device and
-    kept there, which holds the quantized blocks plus one bf16 block."""
+    kept there, which holds the quantized blocks plus one bf16 block. fp8 layerwise casting needs no device: each
+    block is cast where it is drawn (host memory with ``park``) and the hooks come from diffusers' casting of the
+    whole component at the end (``StreamedQuantizer.finish``)."""
     from . import stream
 
     module = models.empty_component(spec, component, dtype)
@@ -420,7 +429,8 @@ def _build_random_blockwise(spec: ModelSpec, weights: Weights, component: str, v
                  device=str(on), generated_on=str(models.random_generation_device(on)), **{"class": type(module).__name__},
                  params=params, weight_bytes=bf16_bytes,
                  built="block by block, each block " + ("fused, " if fuse else "")
-                       + ("quantized and parked as soon as it is drawn" if park
+                       + (f"cast to {str(q.storage).removeprefix('torch.')} as soon as it is drawn" if q.layerwise
+                          else "quantized and parked as soon as it is drawn" if park
                           else f"quantized on {on} as soon as it is drawn"))
     entry = q.finish()
     if fuse:
@@ -625,7 +635,8 @@ def build_pipeline(spec, weights, recipe: Recipe, device: torch.device, manifest
     # load cannot do); stream (each component placed where the executor wants it, see stream.load_device)
     if weights.kind == "random" or recipe.fuse_qkv == "on" or recipe.offload_kind == "stream":
         comps = {
-            c: load_component(spec, weights, recipe, c, load_device_for(recipe, device, c), manifest, gguf_file)
+            c: load_component(spec, weights, recipe, c, load_device_for(recipe, device, c), manifest, gguf_file,
+                              run_device=device)
             for c in models.COMPONENTS
         }
         pipe = assemble(spec, weights, comps)
