@@ -289,7 +289,8 @@ def child_sweep(sc: dict, smoke: bool) -> dict:
                 mem.reset_peak()
                 pipe = runner.pipe
                 pipe._vramfit_stream["transformer"].detach()
-                pipe._vramfit_stream["transformer"] = stream.attach(pipe.transformer, "transformer", device, k)
+                pipe._vramfit_stream["transformer"] = stream.attach(pipe.transformer, "transformer", device, k,
+                                                                    **stream.pipe_attach_kwargs(pipe, recipe))
                 if recipe.vae_decode == "tiling":
                     pipe.vae.enable_tiling()
                     runtime.set_vae_tiles(pipe.vae)

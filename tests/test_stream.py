@@ -77,7 +77,7 @@ def test_streamed_output_is_bit_identical_and_uses_the_slots(value):
 
 def test_resident_blocks_are_the_largest_and_the_ring_reuses_slots_in_order():
     m = tiny()
-    ex = stream.attach(m, "transformer", CPU, k=1, trace=True)
+    ex = stream.attach(m, "transformer", CPU, k=1, trace=True, hoist=False)  # the ring alone (modulation: below)
     sizes = {b.name: b.layout.nbytes for b in ex.blocks}
     assert sizes["transformer_blocks.0"] > sizes["single_transformer_blocks.0"]  # double blocks are larger
     assert ex.info["resident"] == ["transformer_blocks.0"]
@@ -522,6 +522,9 @@ def test_cuda_stream_matches_offload_none(value):
             assert m["copies"] == 2 * 3 + 2
             assert 1 <= m["timed_copies"] <= m["copies"] and m["link_gb_s"] > 0
             assert all(b.untyped_storage().nbytes() == 0 for b in ex.slot_bufs)  # released after denoise
+            # the modulation of the streamed blocks: copied once (a copy stream + events), served from the cache
+            assert m["modulation"]["precomputes"] == 1 and m["modulation"]["hits"] == 1, m["modulation"]
+            assert m["modulation"]["bytes_copied"] == sum(x.layout.nbytes for x in ex.mods) > 0
     assert torch.equal(lat["none"], lat["stream:1"])
 
 
@@ -897,3 +900,53 @@ def test_planner_counts_layerwise_recast_copies_of_a_streamed_block(monkeypatch)
     assert a["denoise"] == pytest.approx(b["denoise"])  # no layerwise transformer: no transformer term
     t5_block = max(stream_split("flux-dev", t5_only, 0)["text_encoder_2"][1]) / 1e9
     assert a["encode"] > b["encode"] and t5_block > 0
+
+
+def test_streamed_blocks_modulation_is_computed_once_per_generation_from_its_own_bytes():
+    """The adaLN modulation layers of the streamed blocks leave the per-step copy: copied once per generation and
+    run for every step's temb (predicted from the scheduler's timesteps, each step checked exactly); the image stays
+    bit-identical to offload=none."""
+    req = request_for(SPEC, "a red bicycle", steps=3, seed=5)
+    ref = Runner(SPEC, models.resolve_weights(SPEC, "random"), Recipe(), CPU, progress=False).generate(req)
+    r = Runner(SPEC, models.resolve_weights(SPEC, "random"), Recipe.parse("offload=stream:1"), CPU, progress=False)
+    got = r.generate(req)
+    assert torch.equal(ref.latents, got.latents)
+    ex = r.pipe._vramfit_stream["transformer"]
+    # streamed: transformer_blocks.1 (norm1 and norm1_context) and the two single blocks (norm)
+    assert [(m.pos, m.path) for m in ex.mods] == [(0, "norm1.linear"), (0, "norm1_context.linear"),
+                                                  (1, "norm.linear"), (2, "norm.linear")]
+    assert isinstance(ex.streamed[0].module.norm1.linear, stream.HoistedLinear)
+    assert not isinstance(r.pipe.transformer.transformer_blocks[0].norm1.linear, stream.HoistedLinear)  # resident
+    fresh = models.build_random_component(SPEC, "transformer", 0, "cpu", torch.bfloat16)
+    full = [stream.block_layout(fresh.get_submodule(b.name)).nbytes for b in ex.streamed]
+    mod_bytes = sum(m.layout.nbytes for m in ex.mods)
+    assert ex.info["bytes_streamed_per_pass"] < sum(full)
+    assert ex.info["modulation"]["bytes_per_generation"] == mod_bytes
+    assert abs(ex.info["bytes_streamed_per_pass"] + mod_bytes - sum(full)) <= stream.ALIGN * 4 * len(full)
+    st = stream.measured(r.pipe)["transformer"]
+    assert st["modulation"] == {"precomputes": 1, "steps_computed": 3, "hits": 2, "unpredicted": 0,
+                                "bytes_copied": mod_bytes}
+    assert st["copies"] == 3 * 3 + 2  # the ring's copies, as without hoisting: the modulation is counted apart
+    entry = [s for s in got.record["manifest"] if s["step"] == "offload"][0]
+    assert entry["modulation"]["hoisted_layers"] == 4
+    # a second image: computed again (the stage's cache is dropped with its ring), from the host bytes: wiped, the
+    # image changes
+    assert torch.equal(r.generate(req).latents, ref.latents)
+    assert stream.measured(r.pipe)["transformer"]["modulation"]["precomputes"] == 2
+    for v in ex.mod_views:
+        v.zero_()
+    assert not torch.equal(r.generate(req).latents, ref.latents)
+
+
+def test_unpredicted_temb_computes_the_modulation_for_that_step_alone_and_detach_restores_the_layers():
+    ref_model = tiny()
+    ref = [forward(ref_model, s) for s in (0, 1)]
+    m = tiny()
+    ex = stream.attach(m, "transformer", CPU, k=1)  # no scheduler: every temb is unpredicted
+    assert all(torch.equal(forward(m, s), want) for s, want in zip((0, 1), ref))
+    st = ex.stats()["modulation"]
+    assert st["unpredicted"] == st["precomputes"] >= 2 and st["hits"] == 0
+    ex.detach()
+    assert not any(isinstance(x, stream.HoistedLinear) for x in m.modules())
+    assert torch.equal(forward(m), ref[0])
+    assert stream.hoists(Recipe.parse("offload=stream")) and not stream.hoists(Recipe.parse("offload=stream,compile=regional"))

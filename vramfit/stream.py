@@ -32,6 +32,13 @@ transformer after denoise) resizes the slot storages to 0, so the VAE decode has
 re-allocates them under the same template tensors. The host buffer's page lock is undone by ``detach()`` or, for an
 executor dropped without it, by a finalizer on the buffer, so freed memory never stays registered.
 
+The adaLN modulation of the streamed blocks (``MODULATION``) depends only on temb, so eager runs hoist it out of the
+per-step copy: each such layer is replaced in its block by a ``HoistedLinear`` stand-in and packed after the blocks
+in the same host buffer; at a generation's first step (a forward hook on ``time_text_embed``) the remaining steps'
+tembs are predicted from the scheduler's timesteps, each layer is copied once through the ring and run on every
+step's temb, and each later step checks its temb against the prediction exactly before the stand-ins serve the
+cached outputs (a temb not predicted computes the layers for itself alone).
+
 On CPU the same code runs with CPU slot buffers and synchronous copies (no streams or events): the tests cover the
 bookkeeping and the identity of outputs with ``offload=none``.
 """
@@ -61,6 +68,14 @@ BLOCK_LISTS = {
     "transformer": ("transformer_blocks", "single_transformer_blocks"),
     "text_encoder_2": ("encoder.block",),
 }
+# adaLN modulation: the linear layers of a block whose input is silu(temb) alone (FLUX: AdaLayerNormZero's and
+# AdaLayerNormZeroSingle's ``linear``, 3.23 G of the transformer's 11.9 G parameters, bf16 under fp8 layerwise
+# casting). temb depends only on the step's timestep, guidance and pooled text embedding, all known before the first
+# step, so a streamed block's modulation is computed for every step at once, its weights copied once per generation
+MODULATION = {"transformer": ("norm1.linear", "norm1_context.linear", "norm.linear")}
+HOIST_COMPILE_WHY = ("the adaLN modulation is streamed with its block under compile: its stand-in reads the "
+                     "executor's cache by block and step, which a compiled region would guard on (one recompile per "
+                     "block and step)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -459,6 +474,26 @@ class StreamedBlock(torch.nn.Module):
         return f"pos={self.pos}, streams {type(self.host_block).__name__}"
 
 
+class HoistedLinear(torch.nn.Module):
+    """Stands in a streamed block for its adaLN modulation linear (``MODULATION``): returns the output the executor
+    computed for this block and the current step from the same layer's weights (``BlockStream.modulation``). The
+    layer itself is held by the executor, packed in the host buffer after the blocks."""
+
+    def __init__(self, executor: "BlockStream", path: str):
+        super().__init__()
+        object.__setattr__(self, "executor", executor)
+        self.path = path
+
+    def forward(self, x):
+        return self.executor.modulation(self.path, x)
+
+    def __deepcopy__(self, memo):  # a template's stand-in reads the same executor (deepcopy would copy it)
+        return HoistedLinear(self.executor, self.path)
+
+    def extra_repr(self) -> str:
+        return f"{self.path}: computed once per generation for every step"
+
+
 @dataclass
 class _Block:
     name: str  # e.g. "transformer_blocks.3"
@@ -466,6 +501,16 @@ class _Block:
     index: int
     module: torch.nn.Module
     layout: Layout
+
+
+@dataclass
+class _Mod:
+    pos: int  # the streamed block's position
+    path: str  # in the block, e.g. "norm1.linear"
+    parent: torch.nn.Module  # the norm module holding it
+    attr: str
+    module: torch.nn.Module
+    layout: Layout = None
 
 
 @dataclass
@@ -483,6 +528,9 @@ class BlockStream:
     log: list = field(default_factory=list)  # (pos, slot) per copy issued, when trace
     copies: int = 0
     bytes_copied: int = 0
+    hoist: bool = True  # compute streamed blocks' adaLN modulation once per generation (MODULATION)
+    timesteps: object = None  # callable -> the scheduler's timesteps (the pipeline's), to predict every step's temb
+    mods: list = field(default_factory=list)  # _Mod, hoisted out of the streamed blocks
 
     # ------------------------------------------------------------------ setup
     def attach(self) -> dict:
@@ -500,25 +548,31 @@ class BlockStream:
         self.resident = [b for i, b in enumerate(self.blocks) if i in keep]
         self.streamed = [b for i, b in enumerate(self.blocks) if i not in keep]
         skip = {id(b.module) for b in self.streamed}
+        self._hoist_modulation()
         moved = _to_device(self.root, self.device, skip)  # resident blocks and the non-block parts
 
-        # one host buffer for all streamed blocks, each block's region page-aligned; pinned in place
+        # one host buffer for all streamed blocks, each block's region page-aligned, then the hoisted modulation
+        # layers; pinned in place
+        parts = self.streamed + self.mods
         offs, total = [], 0
-        for b in self.streamed:
+        for b in parts:
             offs.append(total)
             total = _align(total + b.layout.nbytes, BLOCK_ALIGN)
         self.host = torch.empty(total, dtype=torch.uint8)
         self.pinned = False
         self.host_views = []
-        for b, off in zip(self.streamed, offs):
+        for b, off in zip(parts, offs):
             region = self.host[off:off + b.layout.nbytes]
             _rebind(b.module, b.layout, region, copy_data=True)  # the old storages are freed here, block by block
             measure.release_host_heap()  # ...and their heap pages leave RSS now, not sit beside the buffer's
             packed = block_layout(b.module)  # keyed by the new (host view) tensors
+            name = b.name if isinstance(b, _Block) else f"{self.streamed[b.pos].name}.{b.path}"
             if packed.signature != b.layout.signature or packed.nbytes != b.layout.nbytes:
-                raise RuntimeError(f"{self.component}.{b.name}: packing changed the block's layout")
+                raise RuntimeError(f"{self.component}.{name}: packing changed the layout")
             b.layout = packed
             self.host_views.append(region)
+        self.mod_views = self.host_views[len(self.streamed):]
+        del self.host_views[len(self.streamed):]
         if cuda and total:
             # pinned in place after packing: registering commits every page at once, so doing it before the copies
             # would hold the unpacked component and the whole buffer in host memory together
@@ -531,7 +585,7 @@ class BlockStream:
 
         # the ring: R slot buffers on the device, and per slot one template per distinct layout
         self.slots = max(1, min(self.slots, len(self.streamed))) if self.streamed else 0
-        slot_bytes = max((b.layout.nbytes for b in self.streamed), default=0)
+        slot_bytes = max((b.layout.nbytes for b in parts), default=0)
         self.slot_bufs = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
         layouts = {}
         for b in self.streamed:
@@ -554,6 +608,7 @@ class BlockStream:
         self.rebind_each_run = any(getattr(m, "_diffusers_hook", None) is not None
                                    for t in layouts.values() for m in t.module.modules())
         self._bindings = [[_bindings(t) for t in row] for row in self.templates]
+        self._mod_templates()
         if self.templates:
             self.root.stream_templates = torch.nn.ModuleList([t for row in self.templates for t in row])
         for pos, b in enumerate(self.streamed):
@@ -572,6 +627,163 @@ class BlockStream:
             self.measured: dict = {}
         return self.describe(moved)
 
+    def _hoist_modulation(self) -> None:
+        """Take each streamed block's modulation layers out of it (``HoistedLinear`` in their place), so the block's
+        layout and per-step copy no longer hold them; hook ``time_text_embed`` to learn each step's temb."""
+        self.mods, self.mod_index = [], {}
+        self.mod_out, self.mod_tembs, self.mod_step, self.mod_next = [], [], None, 0
+        self.mod_stats = {"precomputes": 0, "steps_computed": 0, "hits": 0, "unpredicted": 0, "bytes_copied": 0}
+        self._predicting = False
+        self._temb_hook = None
+        paths = MODULATION.get(self.component, ())
+        if not (self.hoist and paths and self.streamed and hasattr(self.root, "time_text_embed")):
+            self.hoist = False
+            return
+        for pos, b in enumerate(self.streamed):
+            for path in paths:
+                parent_name, _, attr = path.rpartition(".")
+                try:
+                    parent = b.module.get_submodule(parent_name)
+                except AttributeError:
+                    continue
+                lin = getattr(parent, attr, None)
+                if not isinstance(lin, torch.nn.Module) or isinstance(lin, HoistedLinear):
+                    continue
+                self.mod_index[(pos, path)] = len(self.mods)
+                self.mods.append(_Mod(pos, path, parent, attr, lin, block_layout(lin)))
+                setattr(parent, attr, HoistedLinear(self, path))
+            b.layout = block_layout(b.module)
+        if not self.mods:
+            self.hoist = False
+            return
+        self._temb_hook = self.root.time_text_embed.register_forward_hook(self._on_temb, with_kwargs=True)
+
+    def _mod_templates(self) -> None:
+        layouts = {}
+        for m in self.mods:
+            layouts.setdefault(m.layout.signature, m)
+        self.mod_layout_id = [list(layouts).index(m.layout.signature) for m in self.mods]
+        self.mod_templates = [[_template(rep.module, rep.layout, buf) for rep in layouts.values()]
+                              for buf in self.slot_bufs] if self.mods else []
+        for row in self.mod_templates:
+            for tmpl, (sig, rep) in zip(row, layouts.items()):
+                check_bnb4_states(tmpl, f"{self.component} modulation template of {rep.path}")
+                if block_layout(tmpl).signature != sig:
+                    raise RecipeError(f"offload=stream: the {self.component} template for {rep.path} is not laid out "
+                                      "as the layer. Alternative: offload=none or offload=group-leaf")
+        self.mod_rebind = any(getattr(m, "_diffusers_hook", None) is not None
+                              for t in layouts.values() for m in t.module.modules())
+        self._mod_bindings = [[_bindings(t) for t in row] for row in self.mod_templates]
+
+    # ------------------------------------------------------------------ the hoisted modulation
+    def modulation(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """The output of the running block's modulation layer ``path`` at this step (computed by ``_precompute``)."""
+        if self.mod_step is None:
+            raise RuntimeError(f"{self.component}: a hoisted modulation layer ran before time_text_embed gave the "
+                               "step's temb (the executor computes the modulation from it)")
+        out = self.mod_out[self.mod_index[(self.cur_pos, path)]][self.mod_step]
+        if out.shape[0] != x.shape[0]:
+            raise RuntimeError(f"{self.component}: modulation computed for batch {out.shape[0]}, called with "
+                               f"{x.shape[0]}")
+        return out
+
+    def _on_temb(self, module, args, kwargs, temb):
+        """Each step: the temb predicted for this step, compared exactly (one host sync), serves the cached
+        modulation; anything else (the first step, another schedule or prompt) computes it anew: for the rest of
+        the schedule when the pipeline's timesteps predict this temb, else for this temb alone."""
+        if self._predicting:
+            return
+        j = self.mod_next
+        if j < len(self.mod_tembs) and self.mod_tembs[j].shape == temb.shape and torch.equal(self.mod_tembs[j], temb):
+            self.mod_step, self.mod_next = j, j + 1
+            self.mod_stats["hits"] += 1
+            return
+        tembs = self._predict(module, args, kwargs, temb)
+        self._precompute(tembs)
+        self.mod_step, self.mod_next = 0, 1
+
+    def _predict(self, module, args, kwargs, temb) -> list:
+        """[temb, the next steps' tembs...]: the scheduler's remaining timesteps through the pipeline's and the
+        model's own casts (FluxPipeline: ``t.expand(B).to(latents.dtype) / 1000``; the model: ``.to(dtype) *
+        1000``), each run through ``time_text_embed`` with this step's other inputs. Kept only if the prediction of
+        this step equals it exactly."""
+        ts = self.timesteps() if self.timesteps is not None else None
+        if ts is None or not len(ts) or not args or not torch.is_tensor(args[0]) or args[0].ndim != 1:
+            self.mod_stats["unpredicted"] += 1
+            return [temb]
+        t0 = args[0]
+        with torch.no_grad():
+            cands = [(t.to(t0.device).expand(t0.shape[0]).to(t0.dtype) / 1000).to(t0.dtype) * 1000 for t in ts]
+            hit = (torch.stack(cands) == t0).all(dim=1).nonzero().flatten().tolist()
+            if not hit:
+                self.mod_stats["unpredicted"] += 1
+                return [temb]
+            self._predicting = True
+            try:
+                out = [module(c, *args[1:], **kwargs) for c in cands[hit[0]:]]
+            finally:
+                self._predicting = False
+        if not torch.equal(out[0], temb):
+            self.mod_stats["unpredicted"] += 1
+            return [temb]
+        out[0] = temb
+        return out
+
+    def _precompute(self, tembs: list) -> None:
+        """Every hoisted layer's output for each temb: each layer's packed bytes copied once into a ring slot (the
+        next layer's copy overlapping this one's compute), then run on the slot's template once per temb, batch
+        as in the block (bit-identical to running it there). The ring's slots are overwritten: its prefetch
+        restarts at the next block."""
+        cuda = self.device.type == "cuda"
+        if self.released:
+            self._acquire()
+        self.queue.clear()
+        self.slot_holds = [None] * self.slots
+        xs = [torch.nn.functional.silu(t) for t in tembs]
+        self.mod_out = [[] for _ in self.mods]
+        cur = torch.cuda.current_stream(self.device) if cuda else None
+
+        def issue(i: int) -> None:
+            slot = i % self.slots
+            src = self.mod_views[i]
+            dst = self.slot_bufs[slot][:src.numel()]
+            if cuda:
+                self.copy_stream.wait_event(self.computed[slot])
+                with torch.cuda.stream(self.copy_stream):
+                    dst.copy_(src, non_blocking=True)
+                    self.copied[slot].record(self.copy_stream)
+            else:
+                dst.copy_(src)
+            self.mod_stats["bytes_copied"] += src.numel()
+
+        if self.mods:
+            issue(0)
+        with torch.no_grad():
+            for i in range(len(self.mods)):
+                if self.slots > 1 and i + 1 < len(self.mods):
+                    issue(i + 1)
+                slot = i % self.slots
+                if cuda:
+                    cur.wait_event(self.copied[slot])
+                binds = self._mod_bindings[slot][self.mod_layout_id[i]]
+                tmpl = self.mod_templates[slot][self.mod_layout_id[i]]
+                for x in xs:
+                    if self.mod_rebind:
+                        _restore(binds)
+                    self.mod_out[i].append(tmpl(x))
+                if self.mod_rebind:
+                    _restore(binds)
+                if cuda:
+                    self.computed[slot].record(cur)
+                if self.slots == 1 and i + 1 < len(self.mods):
+                    issue(i + 1)
+        self.mod_tembs = list(tembs)
+        self.mod_stats["precomputes"] += 1
+        self.mod_stats["steps_computed"] += len(tembs)
+
+    def _drop_modulation(self) -> None:
+        self.mod_out, self.mod_tembs, self.mod_step, self.mod_next = [], [], None, 0
+
     def describe(self, moved_bytes: int = 0) -> dict:
         return {
             "blocks": len(self.blocks), "k": len(self.resident), "slots": self.slots,
@@ -583,6 +795,11 @@ class BlockStream:
             "slot_bytes": sum(int(s.numel()) for s in self.slot_bufs),
             "pinned_host_bytes": int(self.host.numel()), "pinned": self.pinned,
             "moved_to_device_bytes": moved_bytes,
+            "modulation": ({"hoisted_layers": len(self.mods), "bytes_per_generation": sum(m.layout.nbytes for m in self.mods),
+                            "how": "the streamed blocks' adaLN modulation layers, out of the per-step copy: copied "
+                                   "once per generation and run for every step's temb (predicted from the "
+                                   "scheduler's timesteps, each step checked exactly)"}
+                           if self.hoist else {"hoisted_layers": 0}),
         }
 
     def detach(self) -> None:
@@ -591,6 +808,13 @@ class BlockStream:
             torch.cuda.synchronize(self.device)
         for b in self.streamed:
             b.parent[b.index] = b.module
+        for m in self.mods:  # the modulation layers go back into their blocks (their tensors stay host views)
+            setattr(m.parent, m.attr, m.module)
+        if self._temb_hook is not None:
+            self._temb_hook.remove()
+            self._temb_hook = None
+        self._drop_modulation()
+        self.mods, self.mod_templates = [], []
         if hasattr(self.root, "stream_templates"):
             del self.root.stream_templates
         if self.pinned:  # the blocks keep their host views; only the page lock goes (once: the finalizer is spent)
@@ -619,6 +843,7 @@ class BlockStream:
             st.resize_(0)
         self.queue.clear()
         self.slot_holds = [None] * self.slots  # the bytes are gone: every slot is copied again
+        self._drop_modulation()  # the stage is over: the modulation of its steps too
         self.released = True
         return freed
 
@@ -650,6 +875,7 @@ class BlockStream:
             c0.record(cur)  # after the wait: compute time excludes time spent waiting for the copy
         if self.rebind_each_run:
             _restore(self._bindings[slot][self.layout_id[pos]])
+        self.cur_pos = pos
         out = self.templates[slot][self.layout_id[pos]](*args, **kwargs)
         if self.rebind_each_run:
             # and after: the hooks' post-forward cast left each weight in a new tensor outside the slot, which would
@@ -730,6 +956,8 @@ class BlockStream:
         the last block). On CUDA also the timed window of the last pass (``timed_copies``, ``copy_s``, ``link_gb_s``,
         ``streamed_blocks_compute_s``); synchronizes."""
         out = {"copies": self.copies, "bytes_copied": self.bytes_copied}
+        if self.hoist:
+            out["modulation"] = dict(self.mod_stats)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self._close_pass(final=True)
@@ -774,11 +1002,11 @@ def _find_blocks(root: torch.nn.Module, component: str) -> list:
 
 
 def attach(root: torch.nn.Module, component: str, device, k: int, slots: int = DEFAULT_SLOTS,
-           trace: bool = False) -> BlockStream:
+           trace: bool = False, hoist: bool = True, timesteps=None) -> BlockStream:
     """The executor for ``root``'s blocks. Its ring holds no device memory yet: it is allocated at the first streamed
     block and freed after the stage (``release``), so no ring sits beside another stage's (H200, bf16 stream:0: the
     transformer's 1.36 GB ring allocated at attach sat beside T5's during encode and set the 3.23 GB peak)."""
-    ex = BlockStream(component, root, torch.device(device), k, slots, trace)
+    ex = BlockStream(component, root, torch.device(device), k, slots, trace, hoist=hoist, timesteps=timesteps)
     ex.info = ex.attach()
     ex.release()
     root._vramfit_stream = ex
@@ -1083,6 +1311,26 @@ def resolve(recipe, **kw):
     return recipe.with_(offload=f"stream:{k}")
 
 
+def hoists(recipe) -> bool:
+    """Whether offload=stream computes the streamed blocks' adaLN modulation once per generation: in eager runs
+    (under compile it streams with its block: ``HOIST_COMPILE_WHY``)."""
+    from .plan.data import compile_scope
+
+    return compile_scope(recipe) == "off"
+
+
+def pipe_attach_kwargs(pipe, recipe) -> dict:
+    """What ``attach`` needs from the pipeline to hoist the modulation: whether the recipe allows it, and the
+    scheduler's timesteps (read at each generation's first step; a weak reference, so no cycle holds the pipe)."""
+    scheduler = weakref.ref(pipe.scheduler) if getattr(pipe, "scheduler", None) is not None else None
+
+    def timesteps():
+        sch = scheduler() if scheduler is not None else None
+        return getattr(sch, "timesteps", None)
+
+    return {"hoist": hoists(recipe), "timesteps": timesteps}
+
+
 def apply_stream(pipe, recipe, device, manifest, k: int | None = None, slots: int = DEFAULT_SLOTS) -> dict:
     """``offload=stream``: stream the transformer's blocks with K resident, and T5's blocks with none resident (it
     runs once per image, so its copy is paid once per image, and it holds no VRAM between images). CLIP and the
@@ -1092,11 +1340,12 @@ def apply_stream(pipe, recipe, device, manifest, k: int | None = None, slots: in
     if k is None:
         k, source = resolve_k(recipe)
     comps, executors = {}, {}
+    hoist = hoists(recipe)
     for component, kk in (("transformer", k), ("text_encoder_2", 0)):
         module = getattr(pipe, component, None)
         if module is None:
             continue
-        ex = attach(module, component, device, kk, slots)
+        ex = attach(module, component, device, kk, slots, **pipe_attach_kwargs(pipe, recipe))
         executors[component] = ex
         comps[component] = ex.info
     for component in ("text_encoder", "vae"):  # resident; loaded on the device already (load_device)
@@ -1112,6 +1361,8 @@ def apply_stream(pipe, recipe, device, manifest, k: int | None = None, slots: in
             "(cudaHostRegister), copied per block on a side CUDA stream into a ring of device slots",
         components=comps, verified=ok,
         bytes_streamed_per_step=comps.get("transformer", {}).get("bytes_streamed_per_pass", 0),
+        modulation=(comps.get("transformer", {}).get("modulation") if hoist
+                    else {"hoisted_layers": 0, "why": HOIST_COMPILE_WHY}),
         pinned_host_bytes=sum(c["pinned_host_bytes"] for c in comps.values()),
     )
     pipe._vramfit_stream = executors

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from .. import plan
 from ..recipe import Recipe
+from ..plan.memory import modulation_hoisting, row_hoisted
 from ..stream_report import is_stream_row
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the checkout: benchmarks/results lives beside vramfit/
@@ -286,7 +287,7 @@ def stream_rows(rows: list) -> tuple[list, list, list]:
                                                                      m.get("peak_allocated_gb")),
             "host_peak_gb": r.get("host_peak_rss_gb") or m.get("host_peak_rss_gb"),
             "host_after_load_gb": (m.get("after_load") or {}).get("rss_gb"),
-            "link_gb_s": (sm.get("transformer") or {}).get("link_gb_s")})
+            "link_gb_s": (sm.get("transformer") or {}).get("link_gb_s"), "hoisted": row_hoisted(r)})
     return links, runs, skipped
 
 
@@ -324,13 +325,15 @@ def stream_fit(rows, gpu, out) -> None:
 
     def step_at(x, per_block):
         st["per_block_s"] = per_block
-        return plan.predict("flux-dev", Recipe.parse(x["recipe"]), shape(x), gpu, "random")["step_s"]
+        with modulation_hoisting(x["hoisted"]):
+            return plan.predict("flux-dev", Recipe.parse(x["recipe"]), shape(x), gpu, "random")["step_s"]
 
     sols = [solve(lambda v, x=x: step_at(x, v), x["s_per_step"], 1e-7, 0.05) for x in runs]
     st["per_block_s"] = round(statistics.median(sols), 6)
     for x in runs:
         rc = Recipe.parse(x["recipe"])
-        x["regime"] = stream_regime("flux-dev", rc, gpu, compute_step("flux-dev", rc, shape(x), gpu, []))
+        with modulation_hoisting(x["hoisted"]):
+            x["regime"] = stream_regime("flux-dev", rc, gpu, compute_step("flux-dev", rc, shape(x), gpu, []))
     st["rows"] = runs
     link_note = (f"link use = the executor's measured copy rate (median {statistics.median(rates):.2f} GB/s) / the "
                  f"probe's pinned {ref} GB/s" if rates else "link use assumed")

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from .choice import _short
-from .data import Shape, _realize, calibration, find_gpu
+from .data import Shape, _realize, _stamp, calibration, find_gpu
 from .estimate import predict
+from .memory import modulation_hoisting, row_hoisted
 from ..errors import InputError, RecipeError
 
 def _row_record(row: dict) -> dict:
@@ -115,15 +116,6 @@ def predicted_for(meas: dict, pred: dict, steps: int) -> dict:
 TILING_FIX_UTC = "2026-12-01T23:49:57Z"
 
 
-def _stamp(row: dict) -> str | None:
-    """The UTC time a row was measured: its ``at`` field, or the ``@ TIME`` device_stream.py puts in ``command``."""
-    at = row.get("at")
-    if isinstance(at, str) and at[:2] == "20":
-        return at
-    cmd = row.get("command")
-    if isinstance(cmd, str) and " @ " in cmd:
-        return cmd.rsplit(" @ ", 1)[1].strip()
-    return None
 
 
 def as_ran(row: dict, recipe, meas: dict):
@@ -161,8 +153,9 @@ def compare_row(row: dict) -> dict:
     try:
         tokens = meas["text_tokens"] or models.get_model(meas["model"]).max_sequence_length
         shape = Shape(meas["height"], meas["width"], meas["steps"], 1, tokens)
-        pred = predict(meas["model"], as_ran(row, Recipe.parse(meas["recipe"]), meas), shape, _realize(g),
-                       meas["weights"])
+        with modulation_hoisting(row_hoisted(row)):  # rows before 2026-12-04 streamed it with its block
+            pred = predict(meas["model"], as_ran(row, Recipe.parse(meas["recipe"]), meas), shape, _realize(g),
+                           meas["weights"])
     except (RecipeError, InputError) as e:
         raise _Skip(f"cannot predict ({e})")
     p = predicted_for(meas, pred, shape.steps)

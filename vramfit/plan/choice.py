@@ -121,10 +121,11 @@ def _judge(model, r, shape, gpu, budget, ram_gb, max_error, device_type, here, w
 def rank_key(row: dict):
     """Fitting first, fastest over the horizon; a recipe resting on a factor never measured on any GPU counts
     10 % slower, so it ranks after measured ones within 10 % of its time (DESIGN.md, "Decisions for this round":
-    planner ranking). Ties (nf4 and fp4 run the same kernels): the smaller error, then the smaller peak."""
+    planner ranking). Ties (nf4 and fp4 run the same kernels): measured first (a tie at 0.01 s put an unmeasured
+    gguf-q5_1 before a measured nf4 stream recipe 0.002 s apart), then the smaller error, then the smaller peak."""
     p = row["predicted"]
     t = p["total_s"] * (UNMEASURED_PENALTY if p["unmeasured"] else 1.0) if p else 0
-    return (STATUS_ORDER[row["status"]], round(t, 2), p["expected_error"] if p else 0,
+    return (STATUS_ORDER[row["status"]], round(t, 2), bool(p and p["unmeasured"]), p["expected_error"] if p else 0,
             p["peak_vram_gb"] if p else 0, row["recipe"])
 
 

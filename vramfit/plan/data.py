@@ -242,3 +242,14 @@ STREAM_ASSUMED = {
 
 def stream_constants() -> dict:
     return calibration().get("stream") or STREAM_ASSUMED
+
+
+def _stamp(row: dict) -> str | None:
+    """The UTC time a row was measured: its ``at`` field, or the ``@ TIME`` device_stream.py puts in ``command``."""
+    at = row.get("at")
+    if isinstance(at, str) and at[:2] == "20":
+        return at
+    cmd = row.get("command")
+    if isinstance(cmd, str) and " @ " in cmd:
+        return cmd.rsplit(" @ ", 1)[1].strip()
+    return None

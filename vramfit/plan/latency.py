@@ -5,7 +5,7 @@ start (lazy CUDA initialisation, compile)."""
 from __future__ import annotations
 
 from .data import GB, PRECISION_BYTES, Shape, _config, calibration, compile_scope, offload_kind, stream_constants
-from .memory import resolved_k, stream_split
+from .memory import resolved_k, stream_modulation, stream_step_split
 from .weights import backend_family, family, layout
 from ..errors import RecipeError
 
@@ -166,7 +166,7 @@ def offload_times(model: str, recipe, gpu: dict, weights_kind: str, step: float,
 def stream_regime(model: str, recipe, gpu: dict, step: float) -> str:
     """Which term bounds offload=stream's step given the resident ``step`` (``compute_step``): 'link' (streamed
     bytes / link > step), 'compute', or 'resident' (no transformer block streams: K covers them all)."""
-    _, blocks = stream_split(model, recipe, resolved_k(model, recipe))["transformer"]
+    _, blocks = stream_step_split(model, recipe, resolved_k(model, recipe))["transformer"]
     if not blocks:
         return "resident"
     link = gpu["h2d_pinned_gbps"] * stream_constants()["link_fraction_of_pinned"] * GB
@@ -202,12 +202,14 @@ def stream_times(model: str, recipe, gpu: dict, step: float, t: dict, assumed: l
     if why:
         assumed.append(why)
     link = gpu["h2d_pinned_gbps"] * sc["link_fraction_of_pinned"] * GB
-    split = stream_split(model, recipe, resolved_k(model, recipe))
+    split = stream_step_split(model, recipe, resolved_k(model, recipe))
     _, tr_blocks = split["transformer"]
     _, t5_blocks = split["text_encoder_2"]
     tr_step = max(step, sum(tr_blocks) / link) + sc["per_block_s"] * len(tr_blocks)
     t5 = max(t["text_encoder_2"], sum(t5_blocks) / link) + sc["per_block_s"] * len(t5_blocks)
-    return {"step": tr_step, "encode": t["text_encoder"] + t5}
+    mod_bytes, _ = stream_modulation(model, recipe, resolved_k(model, recipe))
+    # the hoisted modulation: its bytes cross the link once per image (its small GEMMs ran inside the blocks before)
+    return {"step": tr_step, "encode": t["text_encoder"] + t5, "denoise_extra": mod_bytes / link}
 
 
 def staged_times(model: str, recipe, weights_kind: str, w: dict, t: dict, assumed: list) -> dict:

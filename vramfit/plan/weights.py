@@ -24,6 +24,9 @@ class Layout:
     # double + single blocks; T5: encoder.block's 24); everything else of the component stays resident
     stream_recast: tuple = ()  # per stream block, the bytes layerwise casting keeps in fp8 (cast back after
     # each layer into new tensors); empty for every other family
+    stream_mods: tuple = ()  # per stream block, the bytes of its adaLN modulation layers (stream.MODULATION):
+    # offload=stream copies them once per generation, not every step (eager runs)
+    stream_mod_out: tuple = ()  # per stream block, the modulation layers' output features (cached per step)
 
 
 def _pow2(n: int) -> int:
@@ -175,6 +178,17 @@ def layout(model: str, component: str, value: str) -> Layout:
     def cast_under(prefix: str) -> int:
         return sum(b for n, b in cast.items() if n == prefix or n.startswith(prefix + "."))
 
+    from ..stream import MODULATION
+
+    def mods_under(prefix: str) -> tuple[int, int]:
+        nb = out_f = 0
+        for path in MODULATION.get(component, ()):
+            name = f"{prefix}.{path}"
+            if name in own:
+                nb += sum(own[name])
+                out_f += m.get_submodule(name).out_features
+        return nb, out_f
+
     stream = tuple(blocks)
     if not stream and hasattr(m, "encoder") and hasattr(m.encoder, "block"):  # T5: blocks nest in encoder.block
         prefixes = [f"encoder.block.{i}" for i in range(len(m.encoder.block))]
@@ -182,7 +196,9 @@ def layout(model: str, component: str, value: str) -> Layout:
     return Layout(total=total, leaves=tuple(leaves), blocks=tuple(blocks), unmatched=total - sum(blocks),
                   largest_leaf=max((b for b, _ in leaves), default=0), pinned_all=sum(map(_pow2, allp)),
                   pinned_blocks=sum(map(_pow2, block_parts)), stream_blocks=stream,
-                  stream_recast=tuple(cast_under(p) for p in prefixes) if cast else ())
+                  stream_recast=tuple(cast_under(p) for p in prefixes) if cast else (),
+                  stream_mods=tuple(mods_under(p)[0] for p in prefixes),
+                  stream_mod_out=tuple(mods_under(p)[1] for p in prefixes))
 
 
 def weight_bytes(model: str, recipe) -> dict[str, int]:
