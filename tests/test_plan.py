@@ -571,3 +571,26 @@ def test_planner_counts_the_steps_a_fixed_schedule_cache_computes():
     full = plan.predict("flux-dev", Recipe.parse("bf16"), shape, gpu)
     cached = plan.predict("flux-dev", Recipe.parse("cache=taylorseer:4"), shape, gpu)
     assert cached["denoise_s"] < 0.4 * full["denoise_s"] and cached["peak_vram_gb"] == full["peak_vram_gb"]
+
+
+def test_stream_rows_are_predicted_as_their_modulation_ran():
+    """A row's offload entry says whether the modulation was hoisted; the executor's counts whether any step computed
+    it anew; an old row without either ran before hoisting. Each is predicted that way."""
+    from vramfit.plan import memory
+
+    hoisted = {"offload": {"components": {"transformer": {"modulation": {"hoisted_layers": 76}}}},
+               "stream_measured": {"transformer": {"modulation": {"hits": 5, "unpredicted": 0}}}}
+    every = {**hoisted, "stream_measured": {"transformer": {"modulation": {"hits": 0, "unpredicted": 6}}}}
+    assert memory.row_hoisted(hoisted) is True and memory.row_hoisted(every) == memory.EVERY_STEP
+    assert memory.row_hoisted({"offload": {"strategy": "stream", "k": 0}}) is False
+    assert memory.row_hoisted({"command": "device_stream.py @ 2026-12-02T08:00:00Z"}) is False
+    assert memory.row_hoisted({"command": "device_stream.py @ 2026-12-04T02:00:00Z"}) is True
+    shape, h200, r = plan.Shape(), plan.gpu_profile("h200"), _stream("bf16", 0)
+    pred = {}
+    for mode in (True, memory.EVERY_STEP, False):
+        with memory.modulation_hoisting(mode):
+            pred[mode] = (plan.predict("flux-dev", r, shape, h200)["step_s"],
+                          memory.stream_stage_peaks("flux-dev", r, shape, 0)["denoise"])
+    # every step: the layers cross the link each step (as before hoisting) through the hoisted, smaller slots
+    assert pred[True][0] < pred[memory.EVERY_STEP][0] == pytest.approx(pred[False][0], rel=0.01)
+    assert pred[memory.EVERY_STEP][1] < pred[False][1]

@@ -5,7 +5,7 @@ start (lazy CUDA initialisation, compile)."""
 from __future__ import annotations
 
 from .data import GB, PRECISION_BYTES, Shape, _config, calibration, compile_scope, offload_kind, stream_constants
-from .memory import resolved_k, stream_modulation, stream_step_split
+from .memory import resolved_k, stream_link_bytes, stream_step_split
 from .weights import backend_family, family, layout
 from ..errors import RecipeError
 
@@ -170,7 +170,7 @@ def stream_regime(model: str, recipe, gpu: dict, step: float) -> str:
     if not blocks:
         return "resident"
     link = gpu["h2d_pinned_gbps"] * stream_constants()["link_fraction_of_pinned"] * GB
-    return "link" if sum(blocks) / link > step else "compute"
+    return "link" if stream_link_bytes(model, recipe, resolved_k(model, recipe))[0] / link > step else "compute"
 
 
 def stream_unmeasured(model: str, recipe, gpu: dict, step: float) -> str | None:
@@ -205,11 +205,11 @@ def stream_times(model: str, recipe, gpu: dict, step: float, t: dict, assumed: l
     split = stream_step_split(model, recipe, resolved_k(model, recipe))
     _, tr_blocks = split["transformer"]
     _, t5_blocks = split["text_encoder_2"]
-    tr_step = max(step, sum(tr_blocks) / link) + sc["per_block_s"] * len(tr_blocks)
+    per_step, per_image = stream_link_bytes(model, recipe, resolved_k(model, recipe))
+    tr_step = max(step, per_step / link) + sc["per_block_s"] * len(tr_blocks)
     t5 = max(t["text_encoder_2"], sum(t5_blocks) / link) + sc["per_block_s"] * len(t5_blocks)
-    mod_bytes, _ = stream_modulation(model, recipe, resolved_k(model, recipe))
     # the hoisted modulation: its bytes cross the link once per image (its small GEMMs ran inside the blocks before)
-    return {"step": tr_step, "encode": t["text_encoder"] + t5, "denoise_extra": mod_bytes / link}
+    return {"step": tr_step, "encode": t["text_encoder"] + t5, "denoise_extra": per_image / link}
 
 
 def staged_times(model: str, recipe, weights_kind: str, w: dict, t: dict, assumed: list) -> dict:

@@ -79,10 +79,15 @@ def resident_gb(model: str, recipe, comp: str, act: float) -> float:
 _HOIST = contextvars.ContextVar("vramfit_stream_modulation_hoisted", default=True)
 
 
+EVERY_STEP = "every step"  # hoisted out of the blocks, but computed anew at every step (no temb was predicted)
+
+
 @contextlib.contextmanager
-def modulation_hoisting(on: bool):
-    """Predict offload=stream with the streamed blocks' modulation hoisted (``on``, what runs do since 2026-12-04)
-    or copied with its block every step (what the rows measured before then ran)."""
+def modulation_hoisting(on):
+    """Predict offload=stream with the streamed blocks' modulation hoisted (``on`` True, what runs do since
+    2026-12-04), copied with its block every step (False: what the rows measured before then ran), or hoisted and
+    computed anew every step (``EVERY_STEP``: the executor's path when no step's temb is predicted, e.g. a caller
+    outside the pipeline; slots sized without the layers, their bytes copied every step)."""
     tok = _HOIST.set(on)
     try:
         yield
@@ -91,8 +96,15 @@ def modulation_hoisting(on: bool):
 
 
 def hoists_modulation(recipe) -> bool:
-    """As ``stream.hoists``: eager runs compute the streamed blocks' modulation once per generation."""
-    return _HOIST.get() and compile_scope(recipe) == "off"
+    """As ``stream.hoists``: eager runs take the streamed blocks' modulation out of them (the blocks' slots)."""
+    return _HOIST.get() is not False and compile_scope(recipe) == "off"
+
+
+def stream_link_bytes(model: str, recipe, k: int) -> tuple[int, int]:
+    """(transformer bytes the ring copies each step, bytes copied once per image) under offload=stream:K."""
+    blocks = sum(stream_step_split(model, recipe, k)["transformer"][1])
+    mods, _ = stream_modulation(model, recipe, k)
+    return (blocks + mods, 0) if _HOIST.get() == EVERY_STEP else (blocks, mods)
 
 
 # session 14's first device call (2026-12-04): offload=stream has hoisted the modulation since; a row without its
@@ -100,12 +112,12 @@ def hoists_modulation(recipe) -> bool:
 HOIST_UTC = "2026-12-04T01:40:00Z"
 
 
-def row_hoisted(row: dict) -> bool:
-    """Whether a measured run computed the modulation once per generation: its offload entry says it hoisted the
-    layers (``modulation``, at the top or under ``components.transformer``) and, where the row has the executor's
-    counts, no step had to compute it anew (a step whose temb was not predicted copies the layers again: the sweep
-    harness re-attached without the scheduler's timesteps on 2026-12-04, call 2). A row with no offload entry:
-    measured after ``HOIST_UTC``."""
+def row_hoisted(row: dict):
+    """How a measured run ran the modulation (a ``modulation_hoisting`` value): True when its offload entry says it
+    hoisted the layers (``modulation``, at the top or under ``components.transformer``), ``EVERY_STEP`` when the
+    executor's counts show steps whose temb was not predicted (the sweep harness re-attached without the
+    scheduler's timesteps on 2026-12-04, call 2), False otherwise. A row with no offload entry: measured after
+    ``HOIST_UTC``."""
     entries = [e for e in [row.get("offload")] + [s for s in row.get("manifest") or []
                                                   if isinstance(s, dict) and s.get("step") == "offload"]
                if isinstance(e, dict)]
@@ -117,7 +129,9 @@ def row_hoisted(row: dict) -> bool:
         tr = (e.get("components") or {}).get("transformer") or {}
         hoisted |= bool((e.get("modulation") or tr.get("modulation") or {}).get("hoisted_layers"))
     counts = ((row.get("stream_measured") or {}).get("transformer") or {}).get("modulation")
-    return hoisted and not (counts and counts.get("unpredicted"))
+    if hoisted and counts and counts.get("unpredicted"):
+        return EVERY_STEP
+    return hoisted
 
 
 def stream_split(model: str, recipe, k: int) -> dict:
@@ -191,7 +205,7 @@ def stream_stage_peaks(model: str, recipe, shape: Shape, k: int) -> dict[str, fl
 def _modulation_cache(model: str, recipe, shape: Shape, k: int) -> int:
     """Bytes of the hoisted modulation's outputs held through the denoise stage: every step's, per image, bf16."""
     _, out_f = stream_modulation(model, recipe, k)
-    return out_f * shape.steps * shape.batch * 2
+    return out_f * (1 if _HOIST.get() == EVERY_STEP else shape.steps) * shape.batch * 2
 
 
 def stream_server_needs(model: str, recipe, shape: Shape, k: int) -> dict[str, float]:
