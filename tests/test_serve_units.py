@@ -180,3 +180,9 @@ def test_stages_stream_their_own_blocks_and_give_generates_image(recipe):
     streamed = {c: ex.info["streamed"] for st in (enc, den) for c, ex in st.pipe._vramfit_stream.items()}
     assert set(streamed) == {"text_encoder_2", "transformer"} and all(n > 0 for n in streamed.values())
     assert den.manifest.find("offload")[0]["k"] == r.stream_k
+    # the denoise stage puts a fresh scheduler on its pipe for each batch: the hoisted modulation reads that one's
+    # timesteps (one precompute per batch, every later step a hit), a second batch included
+    den.run([{**e, "seed": req.seed, "steps": req.steps, "height": req.height, "width": req.width,
+              "guidance": req.guidance, "max_sequence_length": req.max_sequence_length}])
+    mod = den.pipe._vramfit_stream["transformer"].stats()["modulation"]
+    assert mod["precomputes"] == 2 and mod["hits"] == 2 * (req.steps - 1) and mod["unpredicted"] == 0, mod

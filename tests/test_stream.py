@@ -933,6 +933,11 @@ def test_streamed_blocks_modulation_is_computed_once_per_generation_from_its_own
     # image changes
     assert torch.equal(r.generate(req).latents, ref.latents)
     assert stream.measured(r.pipe)["transformer"]["modulation"]["precomputes"] == 2
+    # a fresh scheduler on the pipe (the server's denoise stage sets one per batch): its timesteps are the ones read
+    r.pipe.scheduler = type(r.pipe.scheduler).from_config(r.pipe.scheduler.config)
+    assert torch.equal(r.generate(req).latents, ref.latents)
+    st = stream.measured(r.pipe)["transformer"]["modulation"]
+    assert st["precomputes"] == 3 and st["unpredicted"] == 0 and st["hits"] == 3 * 2
     for v in ex.mod_views:
         v.zero_()
     assert not torch.equal(r.generate(req).latents, ref.latents)

@@ -1321,12 +1321,13 @@ def hoists(recipe) -> bool:
 
 def pipe_attach_kwargs(pipe, recipe) -> dict:
     """What ``attach`` needs from the pipeline to hoist the modulation: whether the recipe allows it, and the
-    scheduler's timesteps (read at each generation's first step; a weak reference, so no cycle holds the pipe)."""
-    scheduler = weakref.ref(pipe.scheduler) if getattr(pipe, "scheduler", None) is not None else None
+    scheduler's timesteps, read at each generation's first step from the pipeline's scheduler *then* (the server's
+    denoise stage puts a fresh scheduler on the pipe for every batch); a weak reference, so no cycle holds the pipe."""
+    ref = weakref.ref(pipe)
 
     def timesteps():
-        sch = scheduler() if scheduler is not None else None
-        return getattr(sch, "timesteps", None)
+        p = ref()
+        return getattr(getattr(p, "scheduler", None), "timesteps", None)
 
     return {"hoist": hoists(recipe), "timesteps": timesteps}
 
