@@ -17,7 +17,8 @@ Rows (full-size FLUX.1-dev stand-in, random weights, 1024x1024, seed 0):
                        (goal: s/step <= 1.10 x resident nf4 0.185)
   nf4-resident         the same recipe with offload=none, 28 steps: the speed reference and the identity check
                        (an "identity" row compares its latents' sha256 with nf4-stream-3GB's)
-  bf16-stream-k0       bf16, offload=stream:0, 28 steps, no cap (goal: within 1.10 x of 23.8 GB / link GB/s)
+  bf16-stream-k0       bf16, offload=stream:0, 28 steps, no cap (goal: within 1.10 x of the bytes streamed per step / link
+                       GB/s: 17.2 GB with the modulation hoisted, 23.8 GB before 2026-12-04)
   generate-3GB         `vramfit generate --vram 3GB` (the planner's choice) under a 3 GB cap
   generate-8GB/12GB    `vramfit generate --vram 8GB / 12GB` under those caps
   sweep-<value>-<GB>   offload=stream with K from each budget, 6 steps, for nf4 / torchao-int8wo / fp8-layerwise /
