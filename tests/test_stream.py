@@ -955,3 +955,21 @@ def test_unpredicted_temb_computes_the_modulation_for_that_step_alone_and_detach
     assert not any(isinstance(x, stream.HoistedLinear) for x in m.modules())
     assert torch.equal(forward(m), ref[0])
     assert stream.hoists(Recipe.parse("offload=stream")) and not stream.hoists(Recipe.parse("offload=stream,compile=regional"))
+
+
+def test_generate_says_what_streams_a_step_and_that_the_modulation_runs_once(tmp_path, capsys):
+    from vramfit import cli
+
+    for recipe, hoisted in (("offload=stream:1", True), ("offload=stream:1,compile=regional", False)):
+        out = tmp_path / f"fox-{hoisted}.png"
+        assert cli.main(["generate", "a fox", "--model", "flux-tiny", "--steps", "2", "--recipe", recipe,
+                         "--out", str(out), "--no-progress"]) == 0
+        applied = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("applied")][0]
+        assert "offload stream:1, " in applied and " streamed a step" in applied
+        assert ("modulation of 4 layers once per image" in applied) is hoisted, applied
+        import json
+
+        entry = [s for s in json.loads(out.with_suffix(".json").read_text())["manifest"] if s["step"] == "offload"][0]
+        assert entry["modulation"]["hoisted_layers"] == (4 if hoisted else 0)
+        if not hoisted:
+            assert "compile" in entry["modulation"]["why"]

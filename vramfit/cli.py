@@ -379,7 +379,14 @@ def _step_line(s: dict) -> str:
     if s["step"] == "quantize":
         return f"quantize {s['component']}={s['value']}"
     keys = [k for k in ("strategy", "mode", "backend", "settings") if k in s]
-    return f"{s['step']} " + " ".join(str(s[k]) for k in keys)
+    line = f"{s['step']} " + " ".join(str(s[k]) for k in keys)
+    if s["step"] == "offload" and s.get("strategy") == "stream":
+        mod = s.get("modulation") or {}
+        b = s.get("bytes_streamed_per_step", 0)
+        size = f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+        line = (f"offload {s.get('recipe_offload', 'stream')}, {size} streamed a step" + (f", modulation of {mod['hoisted_layers']} layers once per image"
+                                      if mod.get("hoisted_layers") else ""))
+    return line
 
 
 def cmd_export(args) -> int:
