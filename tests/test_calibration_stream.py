@@ -161,3 +161,15 @@ def test_generate_rows_without_a_device_field_are_checked_by_their_cuda_cap():
     uncapped = {k: v for k, v in g3.items() if k != "cap_fraction"}
     assert derive._why_not(uncapped) == "not measured on a GPU"
     assert derive.stream_row_device({**g3, "device": {"type": "cuda", "name": "X"}})["name"] == "X"
+
+
+def test_the_derivation_reads_every_committed_result_file_and_the_committed_fit_is_reproduced():
+    """``benchmarks/derive_calibration.py`` with no arguments reads every results file (it stopped at a
+    ``compile=regional+graphs`` row that was stopped from outside: KeyError), and the committed calibration is
+    exactly the fit over the files it names, so ``plan --check``'s leave-one-out refits start from it."""
+    import glob
+
+    every = derive.derive(derive.read(sorted(glob.glob(str(H200 / "*" / "*.jsonl")))), quiet=True)
+    assert every["stream"]["rows"] and every["compile"]["regional"]["step_factor"] > 0
+    cal = plan.calibration()
+    assert derive.derive(derive.read(derive.source_files(cal)), quiet=True) == cal

@@ -484,7 +484,7 @@ def derive(rows, quiet: bool = False) -> dict:
         m_ = re.search(r"killed after (\d+(?:\.\d+)?) s", r.get("error") or "")
         ran = (float(m_.group(1)) if r.get("exit_reason") == "timeout" and m_ else
                r.get("wall_s") if r.get("exit_reason") == "interrupted" else None)  # stopped from outside
-        if rec.compile == "off" or not ran:
+        if rec.compile == "off" or not ran or speed_variant(r):  # a speed-path step bounds no backend's cold start
             continue
         fam = cold_family(plan.backend_family(rec.transformer), cd_tuned(r))
         if (rec.compile, fam) in cold_rows:
