@@ -566,7 +566,7 @@ class BlockStream:
             _rebind(b.module, b.layout, region, copy_data=True)  # the old storages are freed here, block by block
             measure.release_host_heap()  # ...and their heap pages leave RSS now, not sit beside the buffer's
             packed = block_layout(b.module)  # keyed by the new (host view) tensors
-            name = b.name if isinstance(b, _Block) else f"{self.streamed[b.pos].name}.{b.path}"
+            name = b.name if isinstance(b, _Block) else self._mod_name(b)
             if packed.signature != b.layout.signature or packed.nbytes != b.layout.nbytes:
                 raise RuntimeError(f"{self.component}.{name}: packing changed the layout")
             b.layout = packed
@@ -587,28 +587,10 @@ class BlockStream:
         self.slots = max(1, min(self.slots, len(self.streamed))) if self.streamed else 0
         slot_bytes = max((b.layout.nbytes for b in parts), default=0)
         self.slot_bufs = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
-        layouts = {}
-        for b in self.streamed:
-            layouts.setdefault(b.layout.signature, b)
-        self.layout_id = [list(layouts).index(b.layout.signature) for b in self.streamed]
-        self.templates = [[_template(rep.module, rep.layout, buf) for rep in layouts.values()]
-                          for buf in self.slot_bufs]
-        for row in self.templates:
-            for tmpl, rep in zip(row, layouts.values()):
-                check_bnb4_states(tmpl, f"{self.component} template of {rep.name}")
-        for row in self.templates:  # a template must be laid out exactly as the blocks it runs
-            for tmpl, (sig, rep) in zip(row, layouts.items()):
-                got = block_layout(tmpl).signature
-                if got != sig:
-                    diff = next((a, b) for a, b in zip(got, sig) if a != b) if len(got) == len(sig) else "length"
-                    raise RecipeError(
-                        f"offload=stream: the {self.component} template for {rep.name} is not laid out as the block "
-                        f"(first difference: {diff}). Alternative: offload=none or offload=group-leaf")
-        # diffusers layerwise casting re-casts weights in its hooks (module.to): rebind before every run
-        self.rebind_each_run = any(getattr(m, "_diffusers_hook", None) is not None
-                                   for t in layouts.values() for m in t.module.modules())
-        self._bindings = [[_bindings(t) for t in row] for row in self.templates]
-        self._mod_templates()
+        self.layout_id, self.templates, self.rebind_each_run, self._bindings = self._slot_templates(
+            self.streamed, lambda b: b.name)
+        (self.mod_layout_id, self.mod_templates, self.mod_rebind,
+         self._mod_bindings) = self._slot_templates(self.mods, self._mod_name)
         if self.templates:
             self.root.stream_templates = torch.nn.ModuleList([t for row in self.templates for t in row])
         for pos, b in enumerate(self.streamed):
@@ -658,22 +640,33 @@ class BlockStream:
             return
         self._temb_hook = self.root.time_text_embed.register_forward_hook(self._on_temb, with_kwargs=True)
 
-    def _mod_templates(self) -> None:
+    def _mod_name(self, m: "_Mod") -> str:
+        return f"{self.streamed[m.pos].name}.{m.path}"
+
+    def _slot_templates(self, parts: list, name_of) -> tuple:
+        """For ``parts`` (streamed blocks, or hoisted modulation layers) run from the slots: (each part's layout id,
+        per slot one template per distinct layout, whether diffusers hooks re-cast weights so the templates are
+        rebound around every run, the templates' bindings)."""
         layouts = {}
-        for m in self.mods:
-            layouts.setdefault(m.layout.signature, m)
-        self.mod_layout_id = [list(layouts).index(m.layout.signature) for m in self.mods]
-        self.mod_templates = [[_template(rep.module, rep.layout, buf) for rep in layouts.values()]
-                              for buf in self.slot_bufs] if self.mods else []
-        for row in self.mod_templates:
+        for b in parts:
+            layouts.setdefault(b.layout.signature, b)
+        layout_id = [list(layouts).index(b.layout.signature) for b in parts]
+        templates = [[_template(rep.module, rep.layout, buf) for rep in layouts.values()]
+                     for buf in self.slot_bufs] if parts else []
+        for row in templates:
+            for tmpl, rep in zip(row, layouts.values()):
+                check_bnb4_states(tmpl, f"{self.component} template of {name_of(rep)}")
+        for row in templates:  # a template must be laid out exactly as the parts it runs
             for tmpl, (sig, rep) in zip(row, layouts.items()):
-                check_bnb4_states(tmpl, f"{self.component} modulation template of {rep.path}")
-                if block_layout(tmpl).signature != sig:
-                    raise RecipeError(f"offload=stream: the {self.component} template for {rep.path} is not laid out "
-                                      "as the layer. Alternative: offload=none or offload=group-leaf")
-        self.mod_rebind = any(getattr(m, "_diffusers_hook", None) is not None
-                              for t in layouts.values() for m in t.module.modules())
-        self._mod_bindings = [[_bindings(t) for t in row] for row in self.mod_templates]
+                got = block_layout(tmpl).signature
+                if got != sig:
+                    diff = next((a, b) for a, b in zip(got, sig) if a != b) if len(got) == len(sig) else "length"
+                    raise RecipeError(
+                        f"offload=stream: the {self.component} template for {name_of(rep)} is not laid out as the "
+                        f"module (first difference: {diff}). Alternative: offload=none or offload=group-leaf")
+        # diffusers layerwise casting re-casts weights in its hooks (module.to): rebind before every run
+        rebind = any(getattr(m, "_diffusers_hook", None) is not None for t in layouts.values() for m in t.module.modules())
+        return layout_id, templates, rebind, [[_bindings(t) for t in row] for row in templates]
 
     # ------------------------------------------------------------------ the hoisted modulation
     def modulation(self, path: str, x: torch.Tensor) -> torch.Tensor:

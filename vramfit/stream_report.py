@@ -75,7 +75,7 @@ def measured(rows: list[dict]) -> list[dict]:
 
 
 def _stamp(row: dict):
-    from .plan.check import _stamp as stamp  # the time a row was measured: `at`, or device_stream's `@ TIME`
+    from .plan.data import _stamp as stamp  # the time a row was measured: `at`, or device_stream's `@ TIME`
 
     return stamp(row)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
-from .data import (COMPONENTS, GB, STAGES, Shape, _config, _stamp, calibration, compile_scope, offload_kind,
+from .data import (COMPONENTS, GB, STAGES, Shape, _config, _stamp, calibration, offload_kind,
                    stream_constants, stream_k, vae_decode)
 from .weights import STREAMED, family, layout
 
@@ -96,8 +96,11 @@ def modulation_hoisting(on):
 
 
 def hoists_modulation(recipe) -> bool:
-    """As ``stream.hoists``: eager runs take the streamed blocks' modulation out of them (the blocks' slots)."""
-    return _HOIST.get() is not False and compile_scope(recipe) == "off"
+    """``stream.hoists`` (eager runs take the streamed blocks' modulation out of them), unless predicting a row
+    measured before that (``modulation_hoisting(False)``)."""
+    from ..stream import hoists
+
+    return _HOIST.get() is not False and hoists(recipe)
 
 
 def stream_link_bytes(model: str, recipe, k: int) -> tuple[int, int]:
