@@ -22,6 +22,12 @@ fits what is left of ``--budget-s`` (else a row "not-run: budget" saying so):
                             it runs first)                                                             (~75 s)
 6. ``abl-regional``, ``abl-fp8dq``: the ablation's first rows (bf16 + regional; + fp8dq)            (~70, ~100 s)
 7. ``fast-cudnn``           cuDNN SDPA (no FA3 wheel here)                                             (~100 s)
+   ``attention-backends``   one process: every diffusers attention backend, whether it runs here and why not
+                            (``apply.attention_support``; flash-attn, FA3 and sageattention>=2.1.1 have no wheel
+                            here, the ``*_hub`` kernels need the Hub)                                 (~25 s)
+   ``fast-flex``, ``fast-native-flash``, ``fast-efficient``: the fast recipe with each attention backend that runs
+                            here (FlexAttention compiled in the blocks; SDPA's flash / memory-efficient kernels forced)
+                                                                                                      (~100 s each)
 8. ``profile``              torch.profiler over one warm generation of the fastest no-cache row in a new process
                             (fast-cold and fast-cached also profile one more warm run in their own process:
                             ``breakdown``)                                                             (~90 s)
@@ -73,7 +79,10 @@ FLAGS = os.environ.get("VRAMFIT_SPEED_FLAGS", "")
 # the ablation, one step's own gain a row (flux-fast's table): (row, the row it adds one step to, the step)
 ABLATION = (("abl-regional", "bf16", "regional compile"), ("abl-fp8dq", "abl-regional", "fp8 dynamic per row"),
             ("fast-cold", "abl-fp8dq", "fused QKV"), ("fast-graphs", "fast-cold", "CUDA graphs"),
-            ("fast-cudnn", "fast-cold", "cuDNN SDPA"), ("fp8-tensor", "fast-cold", "fp8 per tensor, not per row"),
+            ("fast-cudnn", "fast-cold", "cuDNN SDPA"), ("fast-flex", "fast-cold", "flex attention"),
+            ("fast-native-flash", "fast-cold", "SDPA flash kernel (FA2)"),
+            ("fast-efficient", "fast-cold", "SDPA memory-efficient kernel"),
+            ("fp8-tensor", "fast-cold", "fp8 per tensor, not per row"),
             ("fast-taylorseer", "fast-cold", "TaylorSeer lite, fixed interval"))
 
 
@@ -117,6 +126,15 @@ def full_table(flags: str = "") -> list[tuple]:
          "ablation: + fp8 dynamic quantization per row (the fast recipe without fused QKV)"),
         ("fast-cudnn", fast + ",attention=_native_cudnn", "candidate", est(250, 100),
          "cuDNN SDPA (no FA3 wheel here)"),
+        # every diffusers attention backend, in one process: which run here, and why not (vramfit's own refusal)
+        ("attention-backends", None, "scan", 25, "apply.attention_support('cuda'): the checks `check` refuses with"),
+        # the attention backends that install here, each on the fast recipe (flex is compiled inside the blocks)
+        ("fast-flex", fast + ",attention=flex", "candidate", est(250, 110),
+         "torch FlexAttention (diffusers' flex backend), compiled inside the regional blocks"),
+        ("fast-native-flash", fast + ",attention=_native_flash", "candidate", est(250, 100),
+         "PyTorch SDPA's flash kernel (FlashAttention-2) forced, instead of SDPA's own choice"),
+        ("fast-efficient", fast + ",attention=_native_efficient", "candidate", est(250, 100),
+         "PyTorch SDPA's memory-efficient kernel forced"),
         ("profile", None, "profile", est(90, 80), "torch.profiler breakdown of the fastest row"),
         ("taylorseer", "cache=taylorseer:4", "cache", 40,
          "bf16 eager + TaylorSeer lite, interval 4 (fixed schedule); fidelity_vs = against bf16"),
@@ -147,6 +165,7 @@ SMOKE = [  # the same roles on flux-tiny, CPU (graphs/fp8dq/autotune cannot run 
     ("abl-regional", "compile=regional", "ablation", 300, ""),
     ("taylorseer", "cache=taylorseer:2", "cache", 40, ""),
     ("refused-graphs", "compile=regional+graphs", "candidate", 20, "refused on CPU: a row with the reason"),
+    ("attention-backends", None, "scan", 25, ""),
 ]
 # a step-cache row is also scored against the uncached run of the same recipe (bench's compare_to -> fidelity_vs)
 # (the first that ran: a cache row may run before its uncached twin, which then starts from the shared cache entry)
@@ -217,6 +236,25 @@ def run_profile(rows: list[dict], out: Path, device: str, smoke: bool, timeout: 
             "breakdown": json.loads(row_path.read_text()), "wall_s": round(time.time() - t0, 1)}
 
 
+def attention_scan(device: str, timeout: float) -> dict:
+    """One fresh process: every diffusers attention backend, whether a recipe with it runs on ``device`` here, and
+    the reason where not (``vramfit.apply.attention_support``, what ``check`` refuses with)."""
+    base = {"schema": bench.ROW_SCHEMA, "scenario": "attention-backends", "role": "scan", "tags": ["scan"],
+            "recipe": None, "status": None, "exit_reason": None, "error": None}
+    code = ("import json, sys; from vramfit import apply; "
+            f"json.dump(apply.attention_support({device!r}), sys.stdout)")
+    t0 = time.time()
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "status": "error", "exit_reason": "timeout", "error": f"killed after {timeout:.0f} s"}
+    if p.returncode != 0:
+        return {**base, "status": "error", "exit_reason": "crash", "error": (p.stderr or p.stdout)[-1500:]}
+    found = json.loads(p.stdout)
+    return {**base, "status": "ok", "device": device, "backends": found, "runs_here": [b["backend"] for b in found
+            if b["ok"]], "wall_s": round(time.time() - t0, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget-s", type=float, default=330.0, help="total wall-time cap for all scenarios")
@@ -264,6 +302,8 @@ def main() -> int:
                    "status": "skipped", "exit_reason": "not-run",
                    "error": f"budget: estimated {est} s on the H200, {max(left, 0):.0f} s of --budget-s left"
                    + (" (and over the 10-minute command limit)" if est >= 600 else "")}
+        elif role == "scan":
+            row = attention_scan(device, timeout=max(min(left, 120), 30))
         elif recipe is None:
             row = run_profile(rows, out, device, args.smoke, timeout=max(left, 30),
                               fast=None if args.smoke else FAST + args.flags)
@@ -282,8 +322,8 @@ def main() -> int:
                      if r and r.startswith(FAST) else (n, r, ro, e, no) for n, r, ro, e, no in queue]
             queue.insert(1, ("fallback-cold", FALLBACK + args.flags, "candidate+cold-uncached", 230,
                              "known-good recipe, empty compile cache (fast-cold failed)"))
-        print(bench.table_line(row) if "steps" in row else f"{name:<30} {row['status']} {row.get('error') or ''}",
-              flush=True)
+        said = row.get("error") or row.get("runs_here") or ""
+        print(bench.table_line(row) if "steps" in row else f"{name:<30} {row['status']} {said}", flush=True)
     # a cache row that ran before its uncached twin: scored against it now, from the files both left
     for r in rows:
         got = r.get("fidelity_vs") or {}

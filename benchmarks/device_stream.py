@@ -30,7 +30,7 @@ Rows (full-size FLUX.1-dev stand-in, random weights, 1024x1024, seed 0):
   generate-3GB-dir     generate-3GB from the checkpoint directory device_loader.py exported (--weights DIR)
   nf4-stream-3GB-regional   nf4-stream-3GB with compile=regional (streamed + compiled at full size), cap 3 GB
   stock-bf16-group-leaf-uncapped   stock-bf16-group-leaf without a cap (is the capped row's slowdown the cap's?)
-  fresh-<value>-<GB>   a sweep point (int8 / fp8 / nf4 at 3, 8 and 12 GB; bf16 at 8 and 12) in its own fresh capped
+  fresh-<value>-<GB>   a sweep point (int8 / fp8 / nf4 at 3, 8 and 12 GB; bf16 at 8 and 12; then 24 / 16 / 4) in its own fresh capped
                        process, 6 steps: the host RAM peak of one budget, not the shared sweep process's upper bound
 
 Estimated GPU wall time for everything: ~25 min (4 sweep groups of ~150 s: one build each plus ~15 s per budget;
@@ -106,7 +106,10 @@ def scenarios() -> list[dict]:
         dict(name=f"fresh-{v}-{gb}GB", kind="run", recipe=_stream_recipe(v, gb), budget_gb=gb, steps=6, est_s=75)
         for v, gb in (("int8", 3), ("fp8", 3), ("nf4", 3), ("int8", 12), ("fp8", 12), ("nf4", 12),
                       # the host-RAM goal above 3 GB in fresh processes (session 14 measured it only at 3 GB)
-                      ("bf16", 8), ("bf16", 12), ("fp8", 8), ("int8", 8), ("nf4", 8))]
+                      ("bf16", 8), ("bf16", 12), ("fp8", 8), ("int8", 8), ("nf4", 8),
+                      # the rest of the sweep's budgets (session 15; nf4 at 16 / 24 GB is its 12 GB recipe)
+                      ("bf16", 24), ("bf16", 16), ("fp8", 24), ("fp8", 16), ("int8", 24), ("int8", 16),
+                      ("bf16", 4), ("fp8", 4), ("int8", 4), ("nf4", 4))]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -136,10 +136,14 @@ def test_report_from_bench_rows(smoke, tmp_path):
     mixed = tmp_path / "mixed.jsonl"
     unrun = {"schema": bench.ROW_SCHEMA, "scenario": "fast-graphs", "role": "candidate", "recipe": "compile=full",
              "status": "skipped", "exit_reason": "not-run", "error": "budget: estimated 480 s, 0 s left"}
-    mixed.write_text((out / "results.jsonl").read_text() + json.dumps(unrun) + "\n")
+    scan = {"schema": bench.ROW_SCHEMA, "scenario": "attention-backends", "role": "scan", "recipe": None,
+            "status": "ok", "error": None, "runs_here": ["flex", "native"]}
+    mixed.write_text((out / "results.jsonl").read_text() + json.dumps(unrun) + "\n" + json.dumps(scan) + "\n")
     again = report.make_report([mixed], tmp_path / "rep2")
     assert again["rows"] == summary["rows"]
-    assert "fast-graphs (skipped: budget" in (tmp_path / "rep2" / "results.md").read_text()
+    md = (tmp_path / "rep2" / "results.md").read_text()
+    assert "fast-graphs (skipped: budget" in md
+    assert "attention-backends (ok: attention backends that run here: flex, native)" in md
 
 
 def test_timeout_is_a_row(tmp_path):

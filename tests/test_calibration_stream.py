@@ -173,3 +173,25 @@ def test_the_derivation_reads_every_committed_result_file_and_the_committed_fit_
     assert every["stream"]["rows"] and every["compile"]["regional"]["step_factor"] > 0
     cal = plan.calibration()
     assert derive.derive(derive.read(derive.source_files(cal)), quiet=True) == cal
+
+
+def test_plan_check_predicts_the_per_tensor_fp8_row(tmp_path):
+    """`plan --check` over session 15's speed rows stopped with ValueError('torchao-fp8dq-tensor'): the planner had
+    no weight layout for per-tensor fp8. Now the row is predicted (as torchao-fp8dq's twin until it has its own fit)
+    and lands within bounds; per-tensor stores one scale per weight where per-row stores one per output row."""
+    import io
+    import json
+
+    from vramfit.plan.check import check_rows
+
+    src = H200 / "2026-12-04-h200-s15" / "speed-call2.jsonl"
+    row = next(r for r in map(json.loads, src.read_text().splitlines()) if r["scenario"] == "fp8-tensor")
+    f = tmp_path / "one.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    out = io.StringIO()
+    assert check_rows(str(f), file=out, out_of_sample=False) == 0
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("fp8-tensor"))
+    assert line.rstrip().endswith("ok")
+    per_row, per_tensor = (plan.layout("flux-dev", "transformer", v).total
+                           for v in ("torchao-fp8dq", "torchao-fp8dq-tensor"))
+    assert 0 < per_row - per_tensor < 0.01 * per_row

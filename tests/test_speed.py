@@ -381,3 +381,43 @@ def test_an_attention_backend_does_not_leak_into_later_runs(tiny):
     assert _AttentionBackendRegistry._active_backend == before
     _, after = generate(tiny, "bf16")
     assert torch.equal(ref.latents, after.latents)
+
+
+def test_attention_support_names_what_runs_and_why_not(monkeypatch):
+    """`vramfit recipes` lists each diffusers attention backend with the refusal `check` would give. On CUDA the
+    libraries decide (diffusers' own requirement check: flash-attn and sageattention>=2.1.1 are not installed here;
+    the SDPA backends need nothing); on CPU only the CPU kernels run."""
+    from vramfit import apply
+
+    cpu = {r["backend"]: r for r in apply.attention_support("cpu")}
+    assert {b for b, r in cpu.items() if r["ok"]} == {"native", "_native_math", "flex"}
+    assert "needs a CUDA GPU" in cpu["_native_cudnn"]["reason"]
+    assert "Alternative: attention=native" in cpu["sage"]["reason"]
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    cuda = {r["backend"]: r for r in apply.attention_support("cuda")}
+    assert all(cuda[b]["ok"] for b in ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flex"))
+    assert not cuda["flash"]["ok"] and "flash-attn>=" in cuda["flash"]["reason"]
+    assert not cuda["sage"]["ok"] and "sageattention>=2.1.1" in cuda["sage"]["reason"]
+    assert not cuda["flash_hub"]["ok"] and "HF_HUB_OFFLINE" in cuda["flash_hub"]["reason"]
+    assert len(cuda) == len(cpu) == len(__import__("vramfit.recipe").recipe.attention_backends())
+
+
+def test_attention_refusal_on_cuda_is_a_recipe_error():
+    """A backend whose library is missing is refused before any heavy work, with diffusers' reason (it used to reach
+    diffusers' message as an AttributeError: the requirement check takes the enum, not the string)."""
+    from vramfit import apply
+
+    with pytest.raises(RecipeError, match=r"attention=flash cannot run here: .*flash-attn.*Alternative: attention=nat"):
+        apply.check(Recipe.parse("attention=flash"), torch.device("cuda"))
+    apply.check(Recipe.parse("attention=_native_cudnn"), torch.device("cuda"))  # nothing missing: no refusal
+
+
+def test_recipes_json_lists_attention_backends(capsys):
+    import json
+
+    from vramfit import cli
+
+    assert cli.main(["recipes", "--json"]) == 0
+    att = json.loads(capsys.readouterr().out)["attention"]
+    assert att["device"] == "cpu"
+    assert {b["backend"] for b in att["backends"] if b["ok"]} == {"native", "_native_math", "flex"}

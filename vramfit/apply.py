@@ -132,13 +132,9 @@ def check(recipe: Recipe, device: torch.device, spec: ModelSpec | None = None) -
     if spec is not None:
         for reason, alt in model_problems(spec, recipe.components):
             raise RecipeError(f"{reason}. Alternative: {alt}")
-    if device.type == "cuda" and recipe.attention != "native":
-        try:
-            from diffusers.models.attention_dispatch import _check_attention_backend_requirements
-
-            _check_attention_backend_requirements(recipe.attention)
-        except (RuntimeError, ImportError, ValueError) as e:
-            raise RecipeError(f"attention={recipe.attention} cannot run here: {e}. Alternative: attention=native")
+    missing = _attention_missing(recipe.attention, device.type)
+    if missing:
+        raise RecipeError(f"attention={recipe.attention} cannot run here: {missing}. Alternative: attention=native")
     from . import runtime
 
     for reason, alt in problems(recipe.components, recipe.offload_kind, recipe.compile_scope, recipe.attention,
@@ -147,6 +143,42 @@ def check(recipe: Recipe, device: torch.device, spec: ModelSpec | None = None) -
     for reason, alt in runtime.problems(recipe, device.type):
         raise RecipeError(f"{reason}. Alternative: {alt}")
     return _dynamo_for(recipe, quant_module() if recipe.quantized() else None, device.type)
+
+
+def _attention_missing(attention: str, device_type: str) -> str | None:
+    """What this machine lacks for a diffusers attention backend (its package, version or device), in diffusers' own
+    words (``_check_attention_backend_requirements``), or None. Checked on CUDA only: on other devices ``problems``
+    refuses every GPU-only backend first."""
+    if device_type != "cuda" or attention == "native":
+        return None
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:  # it takes the enum: a plain string got to its message as an AttributeError (`backend.value`)
+        _check_attention_backend_requirements(AttentionBackendName(attention))
+    except (RuntimeError, ImportError, ValueError) as e:
+        return str(e).rstrip(". ")
+    if attention.endswith("_hub"):  # its kernel is downloaded from the Hugging Face Hub when the backend is set
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return (f"the {attention} backend downloads its kernel from the Hugging Face Hub, and this process is "
+                    "offline (HF_HUB_OFFLINE=1)")
+    return None
+
+
+def attention_support(device_type: str) -> list[dict]:
+    """Every diffusers attention backend and whether a recipe with it runs on ``device_type`` here, with the reason
+    and the alternative where not: the same checks ``check`` refuses with (``vramfit recipes`` prints them)."""
+    from .recipe import attention_backends
+
+    rows = []
+    for backend in attention_backends():
+        found = [f"{r}. Alternative: {a}" for r, a in problems({}, "none", "off", backend, device_type)]
+        missing = None if found else _attention_missing(backend, device_type)
+        if missing:
+            found.append(f"attention={backend} cannot run here: {missing}. Alternative: attention=native")
+        rows.append({"backend": backend, "ok": not found, "reason": "; ".join(found)})
+    return rows
 
 
 def compat_matrix(device_type: str = "cuda") -> list[dict]:

@@ -33,13 +33,18 @@ def add_parser(sub) -> None:
 
 
 def cmd_recipes(args) -> int:
+    import torch
+
     from . import apply, quant
     from .recipe import COMPILES, OFFLOADS, PRESETS
 
     rows = apply.compat_matrix()
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    attention = apply.attention_support(here)
     if args.json:
         print(json.dumps({"backends": {k: vars(v) for k, v in quant.BACKENDS.items()}, "matrix": rows,
-                          "presets": PRESETS}, indent=2, default=str))
+                          "presets": PRESETS, "attention": {"device": here, "backends": attention}},
+                         indent=2, default=str))
         return 0
     print("values (per component: transformer, text_encoder_2, text_encoder, vae):")
     print(f"  {'value':<20}{'library':<16}{'bits':>6}  {'CUDA only':<10}{'saves':<7}components")
@@ -55,6 +60,14 @@ def cmd_recipes(args) -> int:
         for o in OFFLOADS:
             cells.append("/".join("ok" if index[(v, o, c)]["ok"] else "x" for c in COMPILES))
         print(f"  {v:<20}" + "".join(f"{c:>14}" for c in cells))
+    ok = [a["backend"] for a in attention if a["ok"]]
+    print(f"\nattention= backends that run on this machine ({here}): {', '.join(ok)}")
+    print(f"  {len(attention) - len(ok)} of {len(attention)} diffusers backends cannot run here"
+          + (":" if args.all else " (--all names each and why)"))
+    if args.all:
+        for a in attention:
+            if not a["ok"]:
+                print(f"  - {a['backend']}: {a['reason']}")
     refused = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(refused)} of {len(rows)} combinations run; refused ones, by reason:")
     seen = set()

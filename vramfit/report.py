@@ -122,7 +122,9 @@ def load(paths: list[Path], stream_rows: list | None = None) -> tuple[list[dict]
             if not r.get("model") or not r.get("request"):
                 # a row with no run behind it (device_speed.py's scenarios left out for budget, its profile row):
                 # nothing to chart; it is named among the notes
-                unrun.append(f"{r.get('scenario')} ({r.get('status')}: {(r.get('error') or '')[:120]})")
+                said = r.get("error") or ("attention backends that run here: " + ", ".join(r["runs_here"])
+                                          if r.get("runs_here") else "")
+                unrun.append(f"{r.get('scenario')} ({r.get('status')}: {said[:120]})")
                 continue
             r["_dir"] = str(p.parent)
             if r["scenario"] in rows:

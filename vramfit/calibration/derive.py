@@ -57,7 +57,7 @@ FULL_COMPILE_COLD_ASSUMED = "assumed: as compile=regional (no compile=full row f
 BACKENDS = {
     "bf16": ("bf16", 1.0), "fp16": ("bf16", 1.0), "fp32": ("bf16", 4.0),
     "fp8-layerwise": ("bf16", 1.3), "fp8-layerwise-e5m2": ("bf16", 1.3),
-    "torchao-fp8dq": ("fp8", 1.5), "torchao-fp8wo": ("bf16", 1.5), "torchao-int8wo": ("bf16", 1.5),
+    "torchao-fp8dq": ("fp8", 1.5), "torchao-fp8dq-tensor": ("fp8", 1.5), "torchao-fp8wo": ("bf16", 1.5), "torchao-int8wo": ("bf16", 1.5),
     "torchao-int8dq": ("int8", 1.0), "torchao-int4wo": ("bf16", 1.5),
     "bnb-nf4": ("bf16", 1.1), "bnb-fp4": ("bf16", 1.1), "bnb-int8": ("bf16", 3.0),
     "quanto-int8": ("bf16", 2.0), "quanto-fp8": ("bf16", 2.0), "quanto-int4": ("bf16", 3.0),
@@ -67,7 +67,7 @@ BACKENDS = {
 # same-as-value aliases: measured once, valid for the twin (same kernels) -- used only while the twin itself is
 # unmeasured. LIKE: unmeasured values assumed to run at the speed of a measured value of the same dequantize path
 # (still reported as assumed): the legacy GGUF block types unpack like q4_1, the k-quants like q2_k.
-TWINS = {"bnb-fp4": "bnb-nf4", "fp8-layerwise-e5m2": "fp8-layerwise"}
+TWINS = {"bnb-fp4": "bnb-nf4", "fp8-layerwise-e5m2": "fp8-layerwise", "torchao-fp8dq-tensor": "torchao-fp8dq"}
 LIKE = {"quanto-fp8": "quanto-int8", "gguf-q5_1": "gguf-q4_1", "gguf-q5_0": "gguf-q4_1", "gguf-q4_0": "gguf-q4_1",
         "gguf-q6_k": "gguf-q2_k", "gguf-q5_k": "gguf-q2_k", "gguf-q4_k": "gguf-q2_k", "gguf-q3_k": "gguf-q2_k"}
 FAMILIES = ("bnb", "torchao", "quanto", "layerwise", "gguf")

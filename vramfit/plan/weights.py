@@ -44,6 +44,8 @@ def _q_linear_parts(value: str, o: int, i: int) -> list[int]:
         return [n, o * 4, o]
     if value in ("torchao-fp8wo", "torchao-fp8dq"):  # Float8Tensor: e4m3 + fp32 per-row scale
         return [n, o * 4]
+    if value == "torchao-fp8dq-tensor":  # Float8Tensor: e4m3 + one fp32 scale per tensor
+        return [n, 4]
     if value == "torchao-int4wo":  # tinygemm: packed int4 + bf16 (scale, zero) per group of 128 (CUDA only)
         return [n // 2, (i // 128) * o * 4]
     if value in ("quanto-int8", "quanto-fp8"):  # 8-bit data, bf16 row scale, 2 scalar bf16 buffers (QLinear)
