@@ -6,6 +6,10 @@
 # PYTEST_SHARDS=N runs a pytest part as N processes side by side (VRAMFIT_MATRIX_SHARD=i/N: tests/test_gpu.py's
 # matrix split by backend value; flux-tiny leaves the GPU mostly idle, so N shards take about 1/N of the time).
 # (each script writes its rows under $OUT).
+# The upload (every tracked file, about 11 MB, plus the carried .whl) must stay under 64 MiB: the stream and speed
+# parts need only the five wheels of ../shared/device/wheels.sh (51 MiB, bitsandbytes 43 MB of it); a serve part adds
+# the serve set (fastapi, uvicorn, pydantic, ... about 4 MB), which then fits only without bitsandbytes (leave it
+# out when no bnb recipe runs). Session 15's first call, with all of them, was refused as over the limit.
 # JSONL rows land in $OUT (each script names its own file); logs and the environment go into $OUT/logs.tgz,
 # so that at most 8 files come back. A part that fails or runs out of time is recorded with its exit status.
 set -u
