@@ -47,6 +47,12 @@ Estimated GPU time: more than one 10-minute command for everything: pick with ``
 the run order, after bf16), e.g. ``VRAMFIT_SPEED_ONLY=fast-cold,fast-cached,fast-taylorseer,abl-regional,abl-fp8dq``
 (session 10: 522 s with fast-cudnn and taylorseer). ``VRAMFIT_SPEED_KEEP=1`` keeps an earlier call's work dir (its
 compile cache) on the same warm machine, so a second call can continue where the first stopped.
+A compile longer than one 10-minute command (the flux-fast-style anchor, est. 900 s): with
+``VRAMFIT_SPEED_RESUME=flux-fast-anchor`` it runs for what is left of the budget whatever its estimate, and keeps its
+own inductor/Triton caches; a second call with ``VRAMFIT_SPEED_KEEP=1`` on the same machine (within its idle
+release) resumes from them, and the row says so (``compiler_cache.resumed``: its cold start is then not an uncached
+one), e.g. twice: ``VRAMFIT_SPEED_KEEP=1 VRAMFIT_SPEED_RESUME=flux-fast-anchor VRAMFIT_SPEED_ONLY=flux-fast-anchor
+bash benchmarks/device_round.sh speed:550``.
 Rows: ``$OUT/speed.jsonl`` (bench rows + ``speed`` fields: role, x vs bf16 eager, cache kind), the profile
 row in the same file, and a summary table on stdout with the JSON summary as the last line.
 """
@@ -269,6 +275,10 @@ def main() -> int:
                          "runs in one call and fast-cached in the next")
     ap.add_argument("--flags", default=FLAGS, help="compile flags for every torchao compile recipe, e.g. +cdtune "
                     "(VRAMFIT_SPEED_FLAGS)")
+    ap.add_argument("--resume", default=os.environ.get("VRAMFIT_SPEED_RESUME", ""),
+                    help="comma-separated scenarios (VRAMFIT_SPEED_RESUME) that run whatever their estimate, for what "
+                    "is left of --budget-s, and keep their inductor/Triton caches: with --keep-work a second call "
+                    "on the same warm machine resumes the compile (the row says compiler_cache.resumed)")
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.profile_child:
@@ -297,7 +307,8 @@ def main() -> int:
     while queue:
         name, recipe, role, est, note = queue.pop(0)
         left = args.budget_s - (time.time() - t_start)
-        if est > left:
+        resume = name in args.resume.split(",")
+        if est > left and not (resume and left >= 60):
             row = {"schema": bench.ROW_SCHEMA, "scenario": name, "role": role, "tags": [role], "recipe": recipe,
                    "status": "skipped", "exit_reason": "not-run",
                    "error": f"budget: estimated {est} s on the H200, {max(left, 0):.0f} s of --budget-s left"
@@ -311,7 +322,7 @@ def main() -> int:
             s = scenario(name, recipe, role, est, note, args.smoke)
             if role == "baseline":
                 s = replace(s, role="reference")
-            row = bench.run_scenario(s, out, device, timeout=max(left, 30))
+            row = bench.run_scenario(s, out, device, timeout=max(left, 30), keep_compiler_cache=resume)
         row["speed"] = {"role": role, "command": "benchmarks/device_speed.py" + (" --smoke" if args.smoke else ""),
                         "cache_kind": {"cache": "fixed schedule (TaylorSeer interval)"}.get(role)}
         rows.append(row)

@@ -489,3 +489,24 @@ def test_kernel_classes_of_the_h200_profile():
     assert kernel_class("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy_add") == "other"
     assert kernel_class("triton_tem_fused_mm_0") == "linear"
     assert kernel_class("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>") == "other"
+
+
+def test_a_kept_compiler_cache_is_resumed_and_said_and_otherwise_starts_empty(tmp_path):
+    """``keep_compiler_cache`` (device_speed's VRAMFIT_SPEED_RESUME, for a compile longer than one device command):
+    the scenario's own inductor/Triton dirs survive the run, and a run that starts from them says so in its row. Without
+    it, dirs left by an earlier run are emptied first, so the cold start stays an uncached one."""
+    s = bench.Scenario(name="anchor", recipe="bf16", expanded=str(Recipe.parse("bf16")), model="flux-tiny",
+                       weights="random", weights_seed=0, height=64, width=64, steps=2, steps_default=2, seeds=[0],
+                       repeats=0, prompt="a fox", guidance=None)
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    left = out / "logs" / "anchor.compiler-cache" / "inductor" / "fxgraph" / "partial"
+    left.parent.mkdir(parents=True)
+    left.write_text("from a call that ran out of time")
+    row = bench.run_scenario(s, out, "cpu", timeout=300, keep_compiler_cache=True)
+    assert row["status"] == "ok", row.get("error")
+    assert row["compiler_cache"] == {"kept": True, "resumed": True, "dir": "logs/anchor.compiler-cache"}
+    assert left.read_text() == "from a call that ran out of time"  # kept for the next call
+    row = bench.run_scenario(s, out, "cpu", timeout=300)
+    assert row["status"] == "ok" and "compiler_cache" not in row
+    assert not left.exists() and not (out / "logs" / "anchor.compiler-cache").exists()

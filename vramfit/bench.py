@@ -541,7 +541,11 @@ def _wait_child(proc, timeout: float | None) -> int:
             _check_stop()
 
 
-def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> dict:
+def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None, keep_compiler_cache: bool = False) -> dict:
+    """One scenario in a child process; its row. ``keep_compiler_cache`` keeps the scenario's own inductor/Triton
+    cache dirs afterwards (a compile longer than one device command resumes from them in the next call on the same
+    machine); the row's ``compiler_cache`` says whether this run started from a kept one (then its cold start is not
+    an uncached one)."""
     log = out / "logs" / f"{safe_name(s.name)}.log"
     row_path = out / "logs" / f"{safe_name(s.name)}.row.json"
     row_path.unlink(missing_ok=True)
@@ -550,6 +554,10 @@ def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> 
     # inductor's and Triton's own on-disk caches start empty for each scenario: a compile is then either uncached or
     # served by vramfit's compile cache (a "hit" in the row), never silently by a cache an earlier scenario left
     scratch = out / "logs" / f"{safe_name(s.name)}.compiler-cache"
+    resumed = scratch.is_dir() and any(scratch.rglob("*"))
+    if resumed and not keep_compiler_cache:  # left by an earlier run: this one starts empty, as every other
+        shutil.rmtree(scratch, ignore_errors=True)
+        resumed = False
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "TRITON_CACHE_DIR": str(scratch / "triton")}
     t0 = time.time()
@@ -567,7 +575,8 @@ def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> 
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     wall = round(time.time() - t0, 1)
-    shutil.rmtree(scratch, ignore_errors=True)
+    if not keep_compiler_cache:
+        shutil.rmtree(scratch, ignore_errors=True)
     tail = log.read_text(errors="replace")[-3000:]
     row = None
     if row_path.exists():  # written atomically by the child: complete or absent
@@ -587,6 +596,8 @@ def run_scenario(s: Scenario, out: Path, device: str, timeout: float | None) -> 
             sig = f" (signal {signal.Signals(-code).name})" if code is not None and code < 0 else ""
             row.update(exit_reason="oom" if oom else "crash", error=f"exit code {code}{sig}: {last[0][:500]}")
     row.update(wall_s=wall, log=str(log.relative_to(out)), command=" ".join(cmd[:4]) + " <job>")
+    if keep_compiler_cache:
+        row["compiler_cache"] = {"kept": True, "resumed": resumed, "dir": str(scratch.relative_to(out))}
     return row
 
 
