@@ -116,7 +116,8 @@ def test_compile_bypassed_is_caught_after_the_first_run(tiny, monkeypatch):
 
 NEW_KEYS = ["compile=regional+graphs", "compile=full+autotune+graphs", "compile=full+autotune", "compile_vae=on",
             "fuse_qkv=on", "cache=fbc:0.08", "cache=taylorseer:3", "cache=magcache:0.06", "host_sync=avoid",
-            "transformer=torchao-fp8dq-tensor", "compile=regional+cdtune", "compile=full+nocdtune"]
+            "transformer=torchao-fp8dq-tensor", "compile=regional+cdtune", "compile=full+nocdtune",
+            "compile=full+autotune+graphs+atengemm"]
 
 
 @pytest.mark.parametrize("item", NEW_KEYS)
@@ -243,6 +244,7 @@ def test_torchao_inductor_flags_are_vramfits_recorded_settings(tiny, monkeypatch
     assert set(TORCHAO_INDUCTOR) <= set(apply._dynamo_for(Recipe.parse("compile=regional+cdtune"), None))
     with pytest.raises(RecipeError, match="on and off"):
         Recipe.parse("compile=regional+cdtune+nocdtune")
+
     mark = apply.dynamo_mark()
     try:  # applied and recorded when the runner loads (no generation: the flags are what is checked here)
         spec, weights = tiny
@@ -254,6 +256,19 @@ def test_torchao_inductor_flags_are_vramfits_recorded_settings(tiny, monkeypatch
     finally:
         apply.restore_dynamo_settings(mark)  # process-wide: later tests compile without it
     assert ic.coordinate_descent_tuning is False
+
+
+def test_atengemm_limits_the_gemm_search_to_aten_and_needs_autotune():
+    """+atengemm: max-autotune with its GEMM search limited to ATen (the flux-fast-style anchor within one device
+    command), a recorded setting; without +autotune it is refused with the alternative."""
+    from vramfit import apply
+
+    key = "torch._inductor.config.max_autotune_gemm_backends"
+    anchor = apply._dynamo_for(Recipe.parse("transformer=torchao-fp8dq,compile=full+autotune+graphs+atengemm"), None)
+    assert anchor[key] == "ATEN" and anchor["torch._inductor.config.coordinate_descent_tuning"] is True
+    assert key not in apply._dynamo_for(Recipe.parse("transformer=torchao-fp8dq,compile=full+autotune+graphs"), None)
+    with pytest.raises(RecipeError, match="needs \\+autotune.*compile=full\\+autotune\\+atengemm"):
+        Recipe.parse("compile=full+atengemm")
 
 
 def test_compile_cache_key_is_shared_with_and_without_a_step_cache():

@@ -219,6 +219,8 @@ def _dynamo_for(recipe: Recipe, q, device_type: str = "cuda") -> dict:
         from .runtime import FLUX_FAST_INDUCTOR
 
         settings.update(FLUX_FAST_INDUCTOR)  # flux-fast's inductor flags, with its fullgraph max-autotune compile
+    if recipe.compile_atengemm:
+        settings["torch._inductor.config.max_autotune_gemm_backends"] = "ATEN"
     return settings
 
 

@@ -15,8 +15,10 @@ error. Keys:
   (inductor max-autotune), ``+cdtune`` / ``+nocdtune`` (inductor's coordinate-descent tuning of its Triton
   kernels on / off: torchao's recommended flags, which its configs set process-wide by default; vramfit applies
   them itself, recorded, only with ``+cdtune``: on the H200 they cost fp8dq + regional 185 s of compile for a 1 %
-  faster step; ``+nocdtune`` says the default), e.g.
-  ``compile=full+autotune+graphs``;
+  faster step; ``+nocdtune`` says the default), ``+atengemm`` (with ``+autotune``: its GEMM search limited to
+  ATen's kernels, ``max_autotune_gemm_backends="ATEN"``; the pointwise autotuning, CUDA graphs and flags stay. On the
+  H200 the full fp8 GEMM search took 12-91 s per shape, 106 choices each, and ATen's ``_scaled_mm`` won the
+  per-block shapes), e.g. ``compile=full+autotune+graphs``;
 * ``attention`` = a diffusers attention backend name (``native`` is diffusers' default);
 * ``compile_vae`` = off | on; ``fuse_qkv`` = off | on; ``host_sync`` = keep | avoid (avoid: the scheduler's
   begin index is set before the loop, which removes a host sync per step);
@@ -46,7 +48,7 @@ QUANT_VALUES = (
 # offload kinds; ``stream`` also takes ``stream:K``
 OFFLOADS = ("none", "model", "sequential", "group-block", "group-leaf", "staged", "stream")
 COMPILES = ("off", "regional", "full")  # compile scopes; ``+graphs`` / ``+autotune`` are flags on a scope
-COMPILE_FLAGS = ("graphs", "autotune", "cdtune", "nocdtune")
+COMPILE_FLAGS = ("graphs", "autotune", "cdtune", "nocdtune", "atengemm")
 VAE_MODES = ("none", "tiling", "slicing")
 SWITCHES = ("off", "on")
 HOST_SYNC = ("keep", "avoid")
@@ -150,6 +152,10 @@ class Recipe:
         return "autotune" in self.compile.split("+")[1:]
 
     @property
+    def compile_atengemm(self) -> bool:
+        return "atengemm" in self.compile.split("+")[1:]
+
+    @property
     def compile_cdtune(self) -> bool | None:
         """True for +cdtune, False for +nocdtune, None when the recipe does not say (vramfit's default: off)."""
         flags = self.compile.split("+")[1:]
@@ -234,7 +240,7 @@ def _field_for(key: str, value: str) -> str:
             _choice(key, value, OFFLOADS, extra=" (stream also takes stream:K)")
     elif key == "compile":
         scope, *flags = value.split("+")
-        _choice(key, scope, COMPILES, extra=", optionally +graphs, +autotune, +cdtune or +nocdtune (e.g. full+autotune+graphs)")
+        _choice(key, scope, COMPILES, extra=", optionally +graphs, +autotune, +cdtune or +nocdtune, +atengemm (e.g. full+autotune+graphs)")
         for f in flags:
             if f in COMPILES:
                 raise RecipeError(f"compile={value!r} names two compile scopes ({scope} and {f}); choose one")
@@ -245,6 +251,10 @@ def _field_for(key: str, value: str) -> str:
         if "cdtune" in flags and "nocdtune" in flags:
             raise RecipeError(f"compile={value!r} asks for coordinate-descent tuning on and off; keep one of "
                               "+cdtune / +nocdtune")
+        if "atengemm" in flags and "autotune" not in flags:
+            raise RecipeError(f"compile={value!r}: +atengemm limits max-autotune's GEMM search, so it needs +autotune. "
+                              f"Alternative: compile={value.replace('+atengemm', '')}+autotune+atengemm, or drop "
+                              "+atengemm (without +autotune GEMMs are ATen's already)")
     elif key in ("compile_vae", "fuse_qkv"):
         _choice(key, value, SWITCHES)
     elif key == "host_sync":
