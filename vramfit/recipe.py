@@ -17,8 +17,8 @@ error. Keys:
   them itself, recorded, only with ``+cdtune``: on the H200 they cost fp8dq + regional 185 s of compile for a 1 %
   faster step; ``+nocdtune`` says the default), ``+atengemm`` (with ``+autotune``: its GEMM search limited to
   ATen's kernels, ``max_autotune_gemm_backends="ATEN"``; the pointwise autotuning, CUDA graphs and flags stay. On the
-  H200 the full fp8 GEMM search took 12-91 s per shape, 106 choices each, and ATen's ``_scaled_mm`` won the
-  per-block shapes), e.g. ``compile=full+autotune+graphs``;
+  H200 the full fp8 GEMM search took 12-91 s per shape, 106 choices each; ATen's ``_scaled_mm`` won 4 of the
+  7 shapes it reached, the one per-block shape among them by 10 %), e.g. ``compile=full+autotune+graphs``;
 * ``attention`` = a diffusers attention backend name (``native`` is diffusers' default);
 * ``compile_vae`` = off | on; ``fuse_qkv`` = off | on; ``host_sync`` = keep | avoid (avoid: the scheduler's
   begin index is set before the loop, which removes a host sync per step);
