@@ -185,6 +185,93 @@ COMPARE_TO = {"fast-taylorseer": ("fast-cold", "fast-cached"), "taylorseer": ("b
 PROFILE_IN_PROCESS = {"fast-cold", "fast-cached"}
 
 
+def cache_dir_of(out: Path, name: str) -> Path:
+    return out / "logs" / f"{bench.safe_name(name)}.compiler-cache"  # bench.run_scenario's scratch for the scenario
+
+
+def cache_census(d: Path) -> dict:
+    """How far a compile got, from the files inductor and Triton left (each is written as it finishes): generated
+    kernels, their tuned configs (coordinate descent / pointwise autotune), GEMM autotune entries, Triton builds."""
+    files = [f for f in d.rglob("*") if f.is_file()] if d.is_dir() else []
+    return {"files": len(files), "mb": round(sum(f.stat().st_size for f in files) / 2**20, 1),
+            "kernels_py": sum(f.suffix == ".py" for f in files),
+            "best_configs": sum(f.name.endswith(".best_config") for f in files),
+            "triton_builds": sum(f.suffix == ".cubin" for f in files),
+            "gemm_autotune": sum(1 for f in files if f.parent.name == "cache" and "inductor" in f.parts)}
+
+
+class CacheWatch:
+    """A line on stdout every ``every_s`` seconds while a scenario runs: its compiler cache's census (a compile that
+    runs out of the command otherwise leaves no trace of where it was). ``every_s`` 0: off."""
+
+    def __init__(self, out: Path, name: str, every_s: float):
+        import threading
+
+        self.dir, self.name, self.every = cache_dir_of(out, name), name, every_s
+        self.stop, self.t0 = threading.Event(), time.time()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.wait(self.every):
+            print(f"[cache +{time.time() - self.t0:.0f}s] {self.name}: {json.dumps(cache_census(self.dir))}",
+                  flush=True)
+
+    def __enter__(self):
+        if self.every > 0:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+
+PART_BYTES = 15 * 2**20  # the device tool brings back files of at most 16 MiB
+
+
+def pack_cache(out: Path, name: str, dest: Path, limit_mb: float = 40.0) -> dict:
+    """The scenario's compiler cache as ``dest/NAME.compiler-cache.tgz.NN`` parts. Triton's builds are left out when
+    the whole would pass ``limit_mb`` (what travels back into a call is 64 MiB with the repo and the wheels): the
+    tuned configs and GEMM choices are what a resumed compile cannot redo quickly, Triton rebuilds in parallel."""
+    import tarfile
+
+    src = cache_dir_of(out, name)
+    if not src.is_dir():
+        return {"error": f"no compiler cache at {src}"}
+    dest.mkdir(parents=True, exist_ok=True)
+    blob = dest / f"{bench.safe_name(name)}.compiler-cache.tgz"
+    parts = []
+    for with_triton in (True, False):
+        with tarfile.open(blob, "w:gz") as tar:
+            for sub in sorted(src.iterdir()):
+                if with_triton or sub.name != "triton":
+                    tar.add(sub, arcname=sub.name)
+        if blob.stat().st_size <= limit_mb * 2**20 or not with_triton:
+            break
+    data = blob.read_bytes()
+    blob.unlink()
+    for i in range(0, len(data), PART_BYTES):
+        part = dest / f"{blob.name}.{i // PART_BYTES:02d}"
+        part.write_bytes(data[i:i + PART_BYTES])
+        parts.append(part.name)
+    return {"parts": parts, "mb": round(len(data) / 2**20, 1), "triton": with_triton, **cache_census(src)}
+
+
+def unpack_cache(src: Path, out: Path, name: str) -> dict | None:
+    """Put an earlier call's parts (``pack_cache``) in place of the scenario's compiler cache; None when there are
+    none. Only an empty cache dir is filled (a kept one on the same machine is newer)."""
+    import io
+    import tarfile
+
+    parts = sorted(src.glob(f"{bench.safe_name(name)}.compiler-cache.tgz.[0-9][0-9]"))
+    dest = cache_dir_of(out, name)
+    if not parts or (dest.is_dir() and any(dest.rglob("*"))):
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts)), mode="r:gz") as tar:
+        tar.extractall(dest, filter="data")
+    return {"parts": [p.name for p in parts], **cache_census(dest)}
+
+
 def scenario(name, recipe, role, est, note, smoke: bool) -> bench.Scenario:
     from vramfit import models
     from vramfit.recipe import Recipe
@@ -283,6 +370,12 @@ def main() -> int:
                     help="comma-separated scenarios (VRAMFIT_SPEED_RESUME) that run whatever their estimate, for what "
                     "is left of --budget-s, and keep their inductor/Triton caches: with --keep-work a second call "
                     "on the same warm machine resumes the compile (the row says compiler_cache.resumed)")
+    ap.add_argument("--no-reference", action="store_true", default=bool(os.environ.get("VRAMFIT_SPEED_NOREF")),
+                    help="skip bf16, the fidelity reference (VRAMFIT_SPEED_NOREF=1): a first call that only starts a "
+                    "resumed compile; its rows then carry no fidelity, and the call that finishes it runs bf16")
+    ap.add_argument("--cache-in", default=os.environ.get("VRAMFIT_SPEED_CACHE_IN", ""),
+                    help="a folder (VRAMFIT_SPEED_CACHE_IN, a carried path) with the parts an earlier call brought "
+                    "back from OUT/cache/: each --resume scenario's compiler cache starts from them, across machines")
     ap.add_argument("--profile-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.profile_child:
@@ -302,6 +395,8 @@ def main() -> int:
         keep = args.only.split(",")
         by_name = {t[0]: t for t in table}
         table = [by_name["bf16"]] + [by_name[n] for n in keep if n in by_name and n != "bf16"]
+    if args.no_reference:
+        table = [t for t in table if t[0] != "bf16"]
     cache_dir = out / "compile-cache"  # empty at the start of this script: fast-cold's start is uncached
     os.environ["VRAMFIT_CACHE_DIR"] = str(cache_dir)
     print(f"device_speed: {len(table)} scenarios, budget {args.budget_s:.0f} s, rows -> {results}", flush=True)
@@ -326,7 +421,13 @@ def main() -> int:
             s = scenario(name, recipe, role, est, note, args.smoke)
             if role == "baseline":
                 s = replace(s, role="reference")
-            row = bench.run_scenario(s, out, device, timeout=max(left, 30), keep_compiler_cache=resume)
+            carried = unpack_cache(Path(args.cache_in), out, name) if resume and args.cache_in else None
+            with CacheWatch(out, name, every_s=60.0 if resume else 0.0):
+                row = bench.run_scenario(s, out, device, timeout=max(left, 30), keep_compiler_cache=resume)
+            if resume:
+                row.setdefault("compiler_cache", {})["carried_in"] = carried
+                if row["status"] != "ok" and not args.smoke:  # unfinished: bring its cache back for the next call
+                    row["compiler_cache"]["carried_out"] = pack_cache(out, name, Path(args.out) / "cache")
         row["speed"] = {"role": role, "command": "benchmarks/device_speed.py" + (" --smoke" if args.smoke else ""),
                         "cache_kind": {"cache": "fixed schedule (TaylorSeer interval)"}.get(role)}
         rows.append(row)

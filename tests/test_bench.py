@@ -7,6 +7,7 @@ their own short runs. No timing assertions: CPU timings on a shared 2-core machi
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -510,3 +511,36 @@ def test_a_kept_compiler_cache_is_resumed_and_said_and_otherwise_starts_empty(tm
     row = bench.run_scenario(s, out, "cpu", timeout=300)
     assert row["status"] == "ok" and "compiler_cache" not in row
     assert not left.exists() and not (out / "logs" / "anchor.compiler-cache").exists()
+
+
+def test_an_unfinished_compiler_cache_travels_in_parts_and_fills_only_an_empty_cache(tmp_path, monkeypatch):
+    """device_speed's pack_cache / unpack_cache (a compile longer than one device command resumes in the next call on
+    another machine): the cache comes back as numbered parts under the device tool's 16 MiB a file, Triton's builds
+    are dropped when the whole would pass the limit, and the parts fill only an empty cache dir."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_speed", Path(__file__).parents[1] / "benchmarks" / "device_speed.py")
+    ds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ds)
+    monkeypatch.setattr(ds, "PART_BYTES", 4096)
+    work, back = tmp_path / "work", tmp_path / "OUT" / "cache"
+    src = ds.cache_dir_of(work, "flux-fast-anchor")
+    (src / "inductor" / "ab").mkdir(parents=True)
+    (src / "inductor" / "ab" / "k.py").write_text("kernel")
+    (src / "inductor" / "ab" / "k.best_config").write_text('{"XBLOCK": 1024}')
+    (src / "triton" / "h").mkdir(parents=True)
+    (src / "triton" / "h" / "k.cubin").write_bytes(os.urandom(20000))  # incompressible: several parts
+    got = ds.pack_cache(work, "flux-fast-anchor", back)
+    assert got["triton"] and len(got["parts"]) >= 5 and got["best_configs"] == 1 and got["triton_builds"] == 1
+    assert all((back / p).stat().st_size <= 4096 for p in got["parts"])
+    fresh = tmp_path / "fresh"
+    into = ds.unpack_cache(back, fresh, "flux-fast-anchor")
+    assert into["best_configs"] == 1 and into["triton_builds"] == 1
+    dest = ds.cache_dir_of(fresh, "flux-fast-anchor")
+    assert (dest / "triton" / "h" / "k.cubin").read_bytes() == (src / "triton" / "h" / "k.cubin").read_bytes()
+    (dest / "inductor" / "ab" / "k.best_config").write_text("newer, from this machine")
+    assert ds.unpack_cache(back, fresh, "flux-fast-anchor") is None  # a cache already there is newer: kept
+    assert (dest / "inductor" / "ab" / "k.best_config").read_text() == "newer, from this machine"
+    small = ds.pack_cache(work, "flux-fast-anchor", tmp_path / "small", limit_mb=0.001)
+    assert not small["triton"] and len(small["parts"]) == 1  # over the limit: the tuned configs without Triton
+    assert ds.unpack_cache(tmp_path / "small", tmp_path / "other", "flux-fast-anchor")["triton_builds"] == 0
